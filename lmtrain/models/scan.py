@@ -1,0 +1,175 @@
+"""Linear recurrence `h_t = a_t * h_{t-1} + x_t` over the time axis, with interchangeable backends.
+
+Shapes: B batch, T time, D channels (any trailing shape after T; it is flattened to one axis).
+
+    h_BxTxD, hT_BxD = linear_recurrence(a_BxTxD, x_BxTxD, h0_BxD)
+
+    h_t = a_t * h_{t-1} + x_t,  t = 1..T,  h_0 = h0 (zeros when None),  hT = h_T
+
+Everything is computed and returned in float32 whatever the input dtype: bf16 cannot represent a
+decay in (0.99609, 1) and would silently turn 0.999 into 1.0. `a_t = 0` (a document reset) is fine
+for every backend.
+
+Backends (`BACKENDS`, all with the signature of `_linear`):
+  linear       `jax.lax.scan`, sequential; the reference. `unroll` steps per loop iteration.
+  associative  `jax.lax.associative_scan` over T: parallel, O(log T) depth, ~log T passes over memory.
+  chunked      associative scan inside chunks of `chunk_size`, sequential carry across chunks
+               (T need not be divisible: the tail is padded with the identity a=1, x=0).
+  auto         per-platform choice from `AUTO_BACKEND`, measured in docs/performance.md.
+
+Gradients: every backend shares one `jax.custom_vjp` whose backward pass is the reverse recurrence
+run by the same backend,
+
+    dh_t = g_t + a_{t+1} dh_{t+1}   (dh_T = g_T + ghT),   dx_t = dh_t,   da_t = dh_t h_{t-1},
+    dh0 = a_1 dh_1,
+
+where g_t and ghT are the incoming cotangents of h_t and hT. Its only residuals are a, h and h0, so
+training memory is O(B·T·D) for every backend; measured on CPU it is also faster than autodiff of
+the backends (numbers in docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from lmtrain.configlib import did_you_mean
+
+
+class Backend(Protocol):
+    def __call__(self, a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool,
+                 chunk_size: int, unroll: int) -> tuple[jax.Array, jax.Array]: ...
+
+
+def _linear(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool, chunk_size: int,
+            unroll: int) -> tuple[jax.Array, jax.Array]:
+    """Sequential `lax.scan`; with `reverse` the recurrence runs from t=T down to 1 (hT is then h_1)."""
+    del chunk_size
+
+    def step(h_BxD: jax.Array, ax: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        a_t_BxD, x_t_BxD = ax
+        h_BxD = a_t_BxD * h_BxD + x_t_BxD
+        return h_BxD, h_BxD
+
+    xs = (jnp.moveaxis(a_BxTxD, 1, 0), jnp.moveaxis(x_BxTxD, 1, 0))
+    hT_BxD, h_TxBxD = jax.lax.scan(step, h0_BxD, xs, reverse=reverse, unroll=unroll)
+    return jnp.moveaxis(h_TxBxD, 0, 1), hT_BxD
+
+
+def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array]:
+    """Composes two affine maps h -> a h + x: first `left`, then `right`."""
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_l * a_r, a_r * x_l + x_r
+
+
+def _associative(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool,
+                 chunk_size: int, unroll: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.associative_scan` over T, with h0 folded into the first step's input."""
+    del chunk_size, unroll
+    first = -1 if reverse else 0
+    x_BxTxD = x_BxTxD.at[:, first].add(a_BxTxD[:, first] * h0_BxD)
+    _, h_BxTxD = jax.lax.associative_scan(_combine, (a_BxTxD, x_BxTxD), reverse=reverse, axis=1)
+    return h_BxTxD, h_BxTxD[:, -1 - first]
+
+
+def _chunked(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool,
+             chunk_size: int, unroll: int) -> tuple[jax.Array, jax.Array]:
+    """Associative scan inside chunks of C steps, `lax.scan` carrying the state across chunks."""
+    B, T, D = a_BxTxD.shape
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = ((0, 0), (0, N * C - T), (0, 0))  # identity steps a=1, x=0 leave the state unchanged
+    a_NxBxCxD = jnp.pad(a_BxTxD, pad, constant_values=1.0).reshape(B, N, C, D).swapaxes(0, 1)
+    x_NxBxCxD = jnp.pad(x_BxTxD, pad).reshape(B, N, C, D).swapaxes(0, 1)
+    last = 0 if reverse else -1
+
+    def chunk(h_BxD: jax.Array, ax: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        acum_BxCxD, xcum_BxCxD = jax.lax.associative_scan(_combine, ax, reverse=reverse, axis=1)
+        h_BxCxD = acum_BxCxD * h_BxD[:, None] + xcum_BxCxD
+        return h_BxCxD[:, last], h_BxCxD
+
+    hT_BxD, h_NxBxCxD = jax.lax.scan(chunk, h0_BxD, (a_NxBxCxD, x_NxBxCxD), reverse=reverse,
+                                     unroll=unroll)
+    return h_NxBxCxD.swapaxes(0, 1).reshape(B, N * C, D)[:, :T], hT_BxD
+
+
+BACKENDS: dict[str, Backend] = {"linear": _linear, "associative": _associative, "chunked": _chunked}
+
+# Backend used by backend="auto", keyed by `jax.default_backend()`. CPU is measured; GPU and TPU are
+# reasoned defaults, not yet measured (see docs/performance.md, "Linear-recurrence op").
+AUTO_BACKEND: dict[str, str] = {"cpu": "chunked", "gpu": "associative", "tpu": "chunked"}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _recurrence(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, backend: str, chunk_size: int,
+                unroll: int) -> tuple[jax.Array, jax.Array]:
+    return BACKENDS[backend](a_BxTxD, x_BxTxD, h0_BxD, reverse=False, chunk_size=chunk_size, unroll=unroll)
+
+
+def _recurrence_fwd(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, backend: str,
+                    chunk_size: int, unroll: int):
+    h_BxTxD, hT_BxD = _recurrence(a_BxTxD, x_BxTxD, h0_BxD, backend, chunk_size, unroll)
+    return (h_BxTxD, hT_BxD), (a_BxTxD, h_BxTxD, h0_BxD)
+
+
+def _recurrence_bwd(backend: str, chunk_size: int, unroll: int, residuals, cotangents):
+    a_BxTxD, h_BxTxD, h0_BxD = residuals
+    g_BxTxD, ghT_BxD = cotangents
+    # dh_t = a_{t+1} dh_{t+1} + g_t run from t=T down; ghT enters as the state "after" T with a_{T+1}=1.
+    anext_BxTxD = jnp.concatenate([a_BxTxD[:, 1:], jnp.ones_like(a_BxTxD[:, :1])], axis=1)
+    dh_BxTxD, dh1_BxD = BACKENDS[backend](anext_BxTxD, g_BxTxD, ghT_BxD, reverse=True,
+                                          chunk_size=chunk_size, unroll=unroll)
+    hprev_BxTxD = jnp.concatenate([h0_BxD[:, None], h_BxTxD[:, :-1]], axis=1)
+    return dh_BxTxD * hprev_BxTxD, dh_BxTxD, a_BxTxD[:, 0] * dh1_BxD
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend name for `backend` ("auto" -> this platform's choice); ValueError if unknown."""
+    if backend == "auto":
+        return AUTO_BACKEND.get(jax.default_backend(), "linear")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear-recurrence backend {backend!r}"
+                         f"{did_you_mean(backend, [*BACKENDS, 'auto'])}")
+    return backend
+
+
+def linear_recurrence(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array | None = None, *,
+                      backend: str = "auto", chunk_size: int = 128, unroll: int = 1
+                      ) -> tuple[jax.Array, jax.Array]:
+    """`h_t = a_t * h_{t-1} + x_t` along axis 1, in float32. Returns (h_BxTxD, hT_BxD).
+
+    `a` and `x` have the same shape [B, T, *D]; `h0` is [B, *D] or None (zeros). `chunk_size` is
+    the chunk length of the chunked backend; `unroll` the steps per loop iteration of the
+    sequential loops (linear: time steps; chunked: chunks).
+    """
+    name = resolve_backend(backend)
+    if a_BxTxD.shape != x_BxTxD.shape or a_BxTxD.ndim < 2:
+        raise ValueError(f"a and x must have the same shape [B, T, ...]; got a {a_BxTxD.shape}, "
+                         f"x {x_BxTxD.shape}")
+    B, T, *dims = a_BxTxD.shape
+    if h0_BxD is not None and h0_BxD.shape != (B, *dims):
+        raise ValueError(f"h0 must have shape {(B, *dims)} (a without its time axis); got {h0_BxD.shape}")
+    if T < 1:
+        raise ValueError(f"the time axis (axis 1) must be non-empty; got a {a_BxTxD.shape}")
+    if chunk_size < 1 or unroll < 1:
+        raise ValueError(f"chunk_size and unroll must be positive; got chunk_size={chunk_size}, "
+                         f"unroll={unroll}")
+    D = math.prod(dims)
+    a_BxTxD = jnp.asarray(a_BxTxD, jnp.float32).reshape(B, T, D)
+    x_BxTxD = jnp.asarray(x_BxTxD, jnp.float32).reshape(B, T, D)
+    h0_BxD = jnp.zeros((B, D)) if h0_BxD is None else h0_BxD
+    h0_BxD = jnp.asarray(h0_BxD, jnp.float32).reshape(B, D)
+    h_BxTxD, hT_BxD = _recurrence(a_BxTxD, x_BxTxD, h0_BxD, name, chunk_size, unroll)
+    return h_BxTxD.reshape(B, T, *dims), hT_BxD.reshape(B, *dims)
+
+
+__all__ = ["AUTO_BACKEND", "BACKENDS", "Backend", "linear_recurrence", "resolve_backend"]
