@@ -1,0 +1,287 @@
+"""Checkpoints: orbax `CheckpointManager` with the train state, the data-iterator state and metadata.
+
+Each step directory `<dir>/<step>/` holds three items:
+- `state`: the train-state pytree of arrays (params, optimizer state, step, rng), restored onto the
+  shardings of an abstract target, so a checkpoint written on one mesh restores onto another;
+- `data`: the data-iterator state as JSON (a JSON value, or bytes holding JSON as grain's
+  `DataLoader` iterator returns);
+- `meta`: free-form JSON metadata (step, wall time, whatever the caller adds).
+
+A checkpoint that cannot be restored (a missing or truncated file) or was never finalized (an orbax
+`*.orbax-checkpoint-tmp*` directory left by a crash) is never deleted: `restore_latest` falls back
+to the newest checkpoint that restores, and moves every newer unusable directory aside to
+`<dir>/corrupt-<name>`, logging a warning that names it. If no checkpoint restores, it raises and
+moves nothing (that is a config/code mismatch, not corruption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lmtrain import configlib
+from lmtrain.configlib import ConfigError
+
+log = logging.getLogger(__name__)
+
+_TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save, how many checkpoints to keep, and where."""
+
+    dir: str = configlib.field("checkpoints", help="Checkpoint directory; relative paths are under the "
+                                                   "run's workdir.")
+    every_steps: int = configlib.field(1000, help="Save when step % every_steps == 0 (0: off).")
+    every_minutes: float = configlib.field(30.0, help="Save when this many minutes have passed since the "
+                                                      "last save (0: off).")
+    keep: int = configlib.field(3, help="Keep the last K checkpoints (0: keep all).")
+    keep_period: int = configlib.field(0, help="Also keep every checkpoint whose step is a multiple of "
+                                               "this, permanently (0: off).")
+    async_save: bool = configlib.field(True, help="Write checkpoints in a background thread; training "
+                                                  "continues once arrays are copied to host.")
+
+    def validate(self) -> None:
+        for name in ("every_steps", "keep", "keep_period"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.every_minutes < 0:
+            raise ConfigError(f"every_minutes={self.every_minutes} must be >= 0")
+
+    def path(self, workdir: str | Path) -> Path:
+        """The checkpoint directory for a run in `workdir`."""
+        return Path(workdir) / self.dir
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint in the directory could be restored onto the given target."""
+
+
+def abstract_like(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s (with shardings) for a tree of arrays, as a restore target."""
+    def to_abstract(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(to_abstract, tree)
+
+
+def _encode_data_state(data_state: Any) -> dict[str, Any]:
+    if isinstance(data_state, bytes):
+        return {"format": "bytes", "value": data_state.decode("utf-8")}
+    return {"format": "json", "value": data_state}
+
+
+def _decode_data_state(stored: Mapping[str, Any]) -> Any:
+    if stored.get("format") == "bytes":
+        return stored["value"].encode("utf-8")
+    return stored.get("value")
+
+
+class Checkpointer:
+    """Saves and restores `(step, train state, data-iterator state)` under `directory`."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        preserve: list[Any] = [policies.LatestN(cfg.keep or None)]
+        if cfg.keep_period:
+            preserve.append(policies.EveryNSteps(cfg.keep_period))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save,
+            preservation_policy=policies.AnyPreservationPolicy(preserve),
+            cleanup_tmp_directories=False,  # unfinished saves are moved aside by restore_latest instead
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_save_time = time.monotonic()
+
+    # --- saving ----------------------------------------------------------------------------------
+
+    def should_save(self, step: int, force: bool = False) -> bool:
+        """Whether `maybe_save(step)` would write: forced, every_steps, or every_minutes elapsed.
+
+        Never for a step that is already saved, nor for step 0 unless forced. With several
+        processes, the time-based decision is taken on process 0 and broadcast.
+        """
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        if force:
+            return True
+        if step == 0:
+            return False
+        due = bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+        if self.cfg.every_minutes > 0 and not due:
+            elapsed_min = (time.monotonic() - self._last_save_time) / 60.0
+            due = elapsed_min >= self.cfg.every_minutes
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def maybe_save(self, step: int, state: Any, data_state: Any, force: bool = False,
+                   metadata: Mapping[str, Any] | None = None) -> bool:
+        """Saves `state` (arrays), `data_state` (JSON) and `metadata` (JSON) if `should_save`.
+
+        Returns whether a save was started (asynchronous saves finish in the background; call
+        `wait()` before reading the files).
+        """
+        if not self.should_save(step, force):
+            return False
+        meta = {"step": int(step), "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
+                **(metadata or {})}
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            meta=ocp.args.JsonSave(meta),
+        ))
+        self._last_save_time = time.monotonic()
+        log.info("checkpoint: saving step %d to %s%s", step, self.directory,
+                 " (async)" if self.cfg.async_save else "")
+        return True
+
+    # --- restoring -------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps of the finalized checkpoints on disk, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
+        """`(step, state, data_state)` from the newest checkpoint that restores, or None if there is none.
+
+        `abstract_state` is the target: a tree of `jax.ShapeDtypeStruct`s carrying the shardings to
+        restore onto (e.g. `jax.eval_shape` output with shardings attached, or `abstract_like(state)`).
+        Unusable checkpoints newer than the one restored are moved aside (see the module docstring).
+        """
+        self.wait()
+        steps = self.all_steps()
+        unfinished = self._unfinished_dirs()
+        if not steps:
+            if unfinished:
+                log.warning("checkpoint: no finalized checkpoint in %s; ignoring unfinished %s",
+                            self.directory, ", ".join(p.name for p in unfinished))
+            return None
+        failures: list[tuple[int, Exception]] = []
+        for step in reversed(steps):
+            try:
+                restored = self._restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
+                log.warning("checkpoint: step %d in %s does not restore (%s: %s); trying the previous one",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+                failures.append((step, e))
+                continue
+            bad = [self.directory / str(s) for s, _ in failures]
+            bad += [p for p in unfinished if int(_TMP_STEP.match(p.name).group(1)) > step]
+            self._move_aside(bad)
+            log.info("checkpoint: restored step %d from %s", step, self.directory)
+            return restored
+        details = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                            for s, e in failures)
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} restores onto the given target ({details}). If the model "
+            f"or optimizer config changed since they were written, restore with the original config or "
+            f"start a new run directory; nothing was moved or deleted.") from failures[0][1]
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[int, Any, Any]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(abstract_state)),
+            data=ocp.args.JsonRestore(),
+        ))
+        return step, restored.state, _decode_data_state(restored.data)
+
+    def metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata saved with `step` (default: the latest step)."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
+
+    def _unfinished_dirs(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        return sorted(p for p in self.directory.iterdir() if _TMP_STEP.match(p.name))
+
+    def _move_aside(self, paths: Sequence[Path]) -> None:
+        if not paths:
+            return
+        if jax.process_index() == 0:
+            for path in paths:
+                target = self.directory / f"corrupt-{path.name}"
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = self.directory / f"corrupt-{path.name}.{n}"
+                path.rename(target)
+                log.warning("checkpoint: %s is unusable (corrupt or unfinished); moved it to %s",
+                            path, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("lmtrain_checkpoint_move_aside")
+        self._manager.reload()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Blocks until any asynchronous save has finished and been finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PreemptionGuard:
+    """Within `with PreemptionGuard() as guard:`, SIGTERM sets `guard.requested` instead of killing
+    the process, so the training loop can save a checkpoint and exit cleanly. The previous handlers
+    are restored on exit. Must be entered on the main thread (a Python signal-handling rule).
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.requested = False
+        self.signal_received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_received = signum
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be entered on the main thread (signal handlers can "
+                               "only be installed there)")
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self.requested:
+            log.warning("preemption: received %s", signal.Signals(self.signal_received).name)
