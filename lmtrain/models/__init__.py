@@ -1,0 +1,6 @@
+"""Model library: hybrid recurrent / attention language models (Flax NNX)."""
+
+from lmtrain.models.config import ModelConfig
+from lmtrain.models.model import LanguageModel, ModelState
+
+__all__ = ["LanguageModel", "ModelConfig", "ModelState"]

@@ -1,0 +1,110 @@
+"""Basic layers: parameters with logical axes, Linear, BlockDiagonal, RMSNorm, gated MLP, Embedder.
+
+Shape legend used across lmtrain.models: B batch, T time (length), D model width, F MLP width,
+L RG-LRU width, V vocab, N query heads, K key/value heads, H head dim, W window, C conv width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Init = jax.nn.initializers.Initializer
+
+
+def fan_in_init(scale: float = 1.0, in_axis: int | Sequence[int] = -2, out_axis: int = -1) -> Init:
+    """Variance-scaling (fan-in, truncated normal) initializer, as in recurrentgemma."""
+    return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                                in_axis=in_axis, out_axis=out_axis)
+
+
+def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], dtype: jnp.dtype,
+          axes: Sequence[str | None]) -> nnx.Param:
+    """A parameter whose `logical_axes` metadata names each dim (mapped to a mesh by rules)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y_...xO = x_...xI @ kernel_IxO (+ bias_O), computed in `dtype`."""
+
+    def __init__(self, in_dim: int, out_dim: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+                 use_bias: bool = True, init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.kernel = param(rngs, fan_in_init(init_scale), (in_dim, out_dim), param_dtype, axes)
+        self.bias = (param(rngs, jax.nn.initializers.zeros, (out_dim,), param_dtype, axes[1:])
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x_ND: jax.Array) -> jax.Array:
+        y = jnp.dot(x_ND.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class BlockDiagonal(nnx.Module):
+    """Block-diagonal linear map with `blocks` square blocks: [..., L] -> [..., L]."""
+
+    def __init__(self, width: int, blocks: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        size = width // blocks
+        self.kernel = param(rngs, fan_in_init(), (blocks, size, size), param_dtype, ("heads", None, None))
+        self.bias = param(rngs, jax.nn.initializers.zeros, (blocks, size), param_dtype, ("heads", None))
+        self.blocks, self.dtype = blocks, dtype
+
+    def __call__(self, x_BxTxL: jax.Array) -> jax.Array:
+        x_BxTxHxI = x_BxTxL.reshape(*x_BxTxL.shape[:-1], self.blocks, -1).astype(self.dtype)
+        y_BxTxHxI = jnp.einsum("...hi,hij->...hj", x_BxTxHxI, self.kernel[...].astype(self.dtype))
+        y_BxTxHxI = y_BxTxHxI + self.bias[...].astype(self.dtype)
+        return y_BxTxHxI.reshape(x_BxTxL.shape)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (1 + scale), scale initialised at 0; statistics in float32."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.scale = param(rngs, jax.nn.initializers.zeros, (width,), param_dtype, ("embed",))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x32 = x_BxTxD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """Gated GELU MLP: down(gelu(gate(x)) * up(x)), hidden width F."""
+
+    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, out_init_scale: float,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate = Linear(width, hidden, ("embed", "mlp"), **kw)
+        self.up = Linear(width, hidden, ("embed", "mlp"), **kw)
+        self.down = Linear(hidden, width, ("mlp", "embed"), init_scale=out_init_scale, **kw)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down(jax.nn.gelu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+
+
+class Embedder(nnx.Module):
+    """Tied embedding table [V, D]: `encode` looks tokens up, `decode` projects to logits."""
+
+    def __init__(self, vocab_size: int, width: int, *, rngs: nnx.Rngs, scale_by_sqrt_width: bool,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype):
+        init = fan_in_init(in_axis=1, out_axis=0)
+        self.embedding = param(rngs, init, (vocab_size, width), param_dtype, ("vocab", "embed"))
+        self.scale = float(width) ** 0.5 if scale_by_sqrt_width else 1.0
+        self.dtype = dtype
+
+    def encode(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Out-of-range ids give NaN rows (so a bad id surfaces as a NaN loss, never silently)."""
+        table_VxD = self.embedding[...]
+        x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0, mode="fill", fill_value=jnp.nan)
+        return x_BxTxD.astype(self.dtype) * jnp.asarray(self.scale, self.dtype)
+
+    def decode(self, x_BxTxD: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
