@@ -1,0 +1,88 @@
+"""Packing tokenized documents into fixed-length rows (greedy concatenate-and-split, numpy only).
+
+A document of n tokens `[bos, t1, ..., eos]` gives n-1 (input, target) pairs: input token i predicts
+token i+1. Pairs of consecutive documents are concatenated and cut into rows of `seq_len` pairs, so
+no position is padded except at the end of a finite stream. Each row is a dict of int32 [seq_len]:
+
+    inputs       token ids fed to the model
+    targets      the next token of the same document
+    segment_ids  1, 2, 3, ... per document piece within the row; 0 = padding
+    positions    position within the piece, restarting at 0 at each piece
+    loss_mask    1 on every real pair, 0 on padding
+
+A document cut by a row boundary continues in the next row as a new piece whose positions restart at
+0 (the model sees it as a fresh context, exactly as it will at evaluation). Documents longer than
+`max_doc_tokens` pairs are cut into pieces of that many pairs. No pair crosses a document, so every
+target with loss_mask=1 belongs to the same document as its input, and every token but a document's
+first is a target exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def make_row(parts: list[tuple[np.ndarray, int, int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Row from pieces (doc_tokens_N, first_pair, end_pair), padded to seq_len."""
+    row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+    row["inputs"][:] = row["targets"][:] = pad_id
+    at = 0
+    for segment, (doc_N, a, b) in enumerate(parts, start=1):
+        n = b - a
+        row["inputs"][at:at + n] = doc_N[a:b]
+        row["targets"][at:at + n] = doc_N[a + 1:b + 1]
+        row["segment_ids"][at:at + n] = segment
+        row["positions"][at:at + n] = np.arange(n)
+        row["loss_mask"][at:at + n] = 1
+        at += n
+    return row
+
+
+class Packer:
+    """Builds rows from documents pulled one at a time; holds the partly used document between rows.
+
+    The state between rows is just (current document, offset in pairs), which lets the pipeline
+    checkpoint it as (its source's state before that document, offset).
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, max_doc_tokens: int):
+        self.seq_len, self.pad_id, self.max_doc_tokens = seq_len, pad_id, max_doc_tokens
+        self.doc_N: np.ndarray | None = None  # the document being packed
+        self.offset = 0  # its pairs already packed
+
+    def next_row(self, pull: Callable[[], np.ndarray | None]) -> dict[str, np.ndarray] | None:
+        """Next row; `pull()` returns the next document's tokens or None at the end (last row padded)."""
+        parts, filled = [], 0
+        while filled < self.seq_len:
+            if self.doc_N is None:
+                doc_N = pull()
+                if doc_N is None:
+                    break
+                if len(doc_N) < 2:
+                    continue
+                self.doc_N, self.offset = doc_N, 0
+            pairs = len(self.doc_N) - 1
+            piece_end = (self.offset // self.max_doc_tokens + 1) * self.max_doc_tokens
+            end = min(pairs, piece_end, self.offset + self.seq_len - filled)
+            parts.append((self.doc_N, self.offset, end))
+            filled += end - self.offset
+            self.offset = end
+            if end == pairs:
+                self.doc_N, self.offset = None, 0
+        return make_row(parts, self.seq_len, self.pad_id) if parts else None
+
+
+def pack_documents(docs: Iterable[np.ndarray], seq_len: int, pad_id: int,
+                   max_doc_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
+    """All rows of a finite list of tokenized documents (the last row padded)."""
+    packer = Packer(seq_len, pad_id, max_doc_tokens or 2**62)
+    it = iter(docs)
+    pull = lambda: next(it, None)
+    rows = []
+    while (row := packer.next_row(pull)) is not None:
+        rows.append(row)
+    return rows
