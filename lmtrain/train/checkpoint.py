@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import re
 import signal
@@ -212,7 +211,7 @@ class Checkpointer:
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
-        return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
     def _unfinished_dirs(self) -> list[Path]:
         if not self.directory.exists():

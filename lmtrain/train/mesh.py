@@ -164,7 +164,7 @@ def param_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, *, strict: bo
 
     Each Variable is replaced by a copy holding its spec (the tree keeps its structure, so it can be
     passed to `jit` as shardings of `tree`, or through `nnx.to_pure_dict`). Variables without
-    `out_sharding` metadata and plain array leaves are replicated. With `mesh`, every dimension is
+    `out_sharding` metadata and plain leaves (arrays, scalars) are replicated. With `mesh`, every dimension is
     checked for divisibility (see `fit_spec`).
     """
     warned: set[str] = set()
@@ -172,11 +172,11 @@ def param_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, *, strict: bo
     def spec_for(path, leaf):
         name = _path_str(path)
         if not _is_variable(leaf):
-            return PartitionSpec() if hasattr(leaf, "shape") else None
+            return PartitionSpec()
         axes = _logical_axes(leaf)
         if axes is None:
             return leaf.replace(PartitionSpec())
-        shape = np.shape(leaf.value)
+        shape = np.shape(leaf.get_value())
         if len(axes) != len(shape):
             raise ValueError(f"{name}: {len(axes)} logical axes {axes} for a parameter of shape {shape}")
         for axis in axes:
