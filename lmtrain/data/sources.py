@@ -273,7 +273,11 @@ class ArrayRecordSource:
 def stdlib_files() -> tuple[list[Path], Path]:
     """The running interpreter's standard-library .py files (sorted) and the stdlib directory."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.rglob("*.py") if not STDLIB_EXCLUDE & set(p.relative_to(root).parts[:-1]))
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDE]
+        paths.extend(Path(folder, f) for f in files if f.endswith(".py"))
+    paths.sort()
     if not paths:
         raise DataError(f"no standard-library .py files under {root}; use a text/jsonl/parquet source instead")
     return paths, root
