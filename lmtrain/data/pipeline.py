@@ -48,11 +48,13 @@ class _Encode:
 class _PackIterator(grain.DatasetIterator):
     """Packs (tokens, flags) documents into rows; counts bad data; state = (parent state, offset)."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, max_doc_tokens: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, max_doc_tokens: int,
+                 name: str, patience: int):
         super().__init__(parent)
         self._packer = Packer(seq_len, pad_id, max_doc_tokens)
         self._doc_state: dict | None = None  # parent state just before the document being packed
         self._counts = collections.Counter(dict.fromkeys(sources_lib.COUNTERS, 0))
+        self._name, self._patience = name, patience
 
     def _pull(self, count: bool = True) -> np.ndarray | None:
         self._doc_state = self._parent.get_state()
@@ -64,6 +66,11 @@ class _PackIterator(grain.DatasetIterator):
             self._counts.update(("documents",) + flags)
             self._counts["tokens"] += len(tokens_N)
             self._counts["split"] += len(tokens_N) - 1 > self._packer.max_doc_tokens
+        c = self._counts
+        if c["documents"] > self._patience and c["documents"] == c["malformed"] + c["empty"]:
+            # An endless stream with nothing to pack would hang: fail with the counts instead.
+            raise sources_lib.DataError(f"{self._name}: the first {c['documents']} documents read were all "
+                                        f"empty or malformed ({dict(c)}); check the source's path and field")
         return tokens_N
 
     def __next__(self) -> Batch:
@@ -86,9 +93,10 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, max_doc_tokens: int):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, max_doc_tokens: int,
+                 name: str = "heldout", patience: int = 2**62):
         super().__init__(parent)
-        self._args = (seq_len, pad_id, max_doc_tokens)
+        self._args = (seq_len, pad_id, max_doc_tokens, name, patience)
 
     def __iter__(self) -> _PackIterator:
         return _PackIterator(self._parent.__iter__(), *self._args)
@@ -127,8 +135,10 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
     rows = []
     for i, docs in enumerate(_documents(cfg, False, process_index, process_count, tokenizer)):
+        name = f"sources[{i}] ({cfg.sources[i].kind} {cfg.sources[i].path!r})"
+        patience = min(4 * len(docs) * max(1, cfg.worker_count), 10_000)  # reads without a usable doc
         docs = docs.shuffle(seed=_seed(cfg.seed, i)).repeat().to_iter_dataset(read)
-        rows.append(_PackIterDataset(docs, cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens))
+        rows.append(_PackIterDataset(docs, cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens, name, patience))
     mixed = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in cfg.sources])
     batches = mixed.batch(local_batch, drop_remainder=True)
     if cfg.worker_count:

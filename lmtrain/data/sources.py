@@ -213,16 +213,17 @@ class ParquetSource:
         return self.records.key(index)
 
     def _row_group(self, f: int, g: int) -> list:
-        if (f, g) not in self._cache:
+        rows = self._cache.get((f, g))
+        if rows is None:
             path = self.records.paths[f]
             try:
-                table = pq.ParquetFile(path).read_row_group(g, columns=[self.column])
+                rows = pq.ParquetFile(path).read_row_group(g, columns=[self.column]).column(0).to_pylist()
             except (OSError, pa.ArrowException) as e:
                 raise _cannot_read(path, e) from e
-            self._cache[(f, g)] = table.column(0).to_pylist()
+            self._cache[(f, g)] = rows
             while len(self._cache) > self.CACHED_ROW_GROUPS:
                 self._cache.popitem(last=False)
-        return self._cache[(f, g)]
+        return rows
 
     def read(self, index: int) -> Document:
         f, r = self.records.locate(index)

@@ -153,6 +153,13 @@ def test_bad_data_is_counted(tmp_path):
     assert data_stats(it.get_state())["malformed"] >= 4  # the total sums the sources
 
 
+def test_source_with_nothing_usable_fails_instead_of_hanging(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": f"text {i}"}) + "\n" for i in range(20)))
+    cfg = _cfg(SourceConfig(kind="jsonl", path=str(tmp_path / "a.jsonl"), field="text"))  # wrong field
+    with pytest.raises(sources.DataError, match=r"sources\[0\].*all empty or malformed.*field"):
+        next(make_train_iterator(cfg))
+
+
 def test_worker_processes_resume_exactly(tmp_path):
     cfg = _cfg(_corpus(tmp_path, 60), worker_count=2)
     it = make_train_iterator(cfg)
