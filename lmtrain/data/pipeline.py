@@ -106,6 +106,10 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
 
+def _read_options(cfg: DataConfig) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
+
+
 def _local_batch(cfg: DataConfig, process_count: int) -> int:
     if cfg.global_batch_size % process_count:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by "
@@ -132,12 +136,11 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
     """Endless iterator of this process's batches: dict of int32 [global_batch / process_count, seq_len]."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     local_batch = _local_batch(cfg, process_count)
-    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
     rows = []
     for i, docs in enumerate(_documents(cfg, False, process_index, process_count, tokenizer)):
         name = f"sources[{i}] ({cfg.sources[i].kind} {cfg.sources[i].path!r})"
         patience = min(4 * len(docs) * max(1, cfg.worker_count), 10_000)  # reads without a usable doc
-        docs = docs.shuffle(seed=_seed(cfg.seed, i)).repeat().to_iter_dataset(read)
+        docs = docs.shuffle(seed=_seed(cfg.seed, i)).repeat().to_iter_dataset(_read_options(cfg))
         rows.append(_PackIterDataset(docs, cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens, name, patience))
     mixed = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in cfg.sources])
     batches = mixed.batch(local_batch, drop_remainder=True)
@@ -160,7 +163,7 @@ def make_eval_iterator(cfg: DataConfig, *, process_index: int = 0, process_count
     tokenizer = load_tokenizer(cfg.tokenizer)
     local_batch = _local_batch(cfg, process_count)
     docs = grain.MapDataset.concatenate(_documents(cfg, True, process_index, process_count, tokenizer))
-    rows = _PackIterDataset(docs.to_iter_dataset(), cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens)
+    rows = _PackIterDataset(docs.to_iter_dataset(_read_options(cfg)), cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens)
     empty = {k: np.full((local_batch, cfg.seq_len), tokenizer.pad_id if k in ("inputs", "targets") else 0,
                         np.int32) for k in FIELDS}
     count = 0
