@@ -47,17 +47,24 @@ class Backend(Protocol):
 
 def _linear(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool, chunk_size: int,
             unroll: int) -> tuple[jax.Array, jax.Array]:
-    """Sequential `lax.scan`; with `reverse` the recurrence runs from t=T down to 1 (hT is then h_1)."""
+    """Sequential `lax.scan` over t; with `reverse` it runs from t=T down to 1 (hT is then h_1).
+
+    The loop reads and writes step t in place along axis 1 rather than scanning a time-major copy:
+    on CPU the two [B,T,D] <-> [T,B,D] transposes cost more than the recurrence itself.
+    """
     del chunk_size
 
-    def step(h_BxD: jax.Array, ax: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        a_t_BxD, x_t_BxD = ax
+    def step(carry: tuple[jax.Array, jax.Array], t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+        h_BxD, h_BxTxD = carry
+        a_t_BxD = jax.lax.dynamic_index_in_dim(a_BxTxD, t, axis=1, keepdims=False)
+        x_t_BxD = jax.lax.dynamic_index_in_dim(x_BxTxD, t, axis=1, keepdims=False)
         h_BxD = a_t_BxD * h_BxD + x_t_BxD
-        return h_BxD, h_BxD
+        return (h_BxD, jax.lax.dynamic_update_index_in_dim(h_BxTxD, h_BxD, t, axis=1)), None
 
-    xs = (jnp.moveaxis(a_BxTxD, 1, 0), jnp.moveaxis(x_BxTxD, 1, 0))
-    hT_BxD, h_TxBxD = jax.lax.scan(step, h0_BxD, xs, reverse=reverse, unroll=unroll)
-    return jnp.moveaxis(h_TxBxD, 0, 1), hT_BxD
+    ts = jnp.arange(a_BxTxD.shape[1])
+    (hT_BxD, h_BxTxD), _ = jax.lax.scan(step, (h0_BxD, jnp.zeros_like(x_BxTxD)), ts, reverse=reverse,
+                                        unroll=unroll)
+    return h_BxTxD, hT_BxD
 
 
 def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Array]
@@ -80,30 +87,33 @@ def _associative(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, r
 
 def _chunked(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, reverse: bool,
              chunk_size: int, unroll: int) -> tuple[jax.Array, jax.Array]:
-    """Associative scan inside chunks of C steps, `lax.scan` carrying the state across chunks."""
+    """Associative scans inside all chunks of C steps at once, a sequential scan (`_linear`) of the
+    N chunk-boundary states, then one pass `h = A * h_in + X`."""
     B, T, D = a_BxTxD.shape
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = ((0, 0), (0, N * C - T), (0, 0))  # identity steps a=1, x=0 leave the state unchanged
-    a_NxBxCxD = jnp.pad(a_BxTxD, pad, constant_values=1.0).reshape(B, N, C, D).swapaxes(0, 1)
-    x_NxBxCxD = jnp.pad(x_BxTxD, pad).reshape(B, N, C, D).swapaxes(0, 1)
+    a_BxNxCxD = jnp.pad(a_BxTxD, pad, constant_values=1.0).reshape(B, N, C, D)
+    x_BxNxCxD = jnp.pad(x_BxTxD, pad).reshape(B, N, C, D)
+    # Inside a chunk, the state after step c is A_c * (state entering the chunk) + X_c.
+    A_BxNxCxD, X_BxNxCxD = jax.lax.associative_scan(_combine, (a_BxNxCxD, x_BxNxCxD), reverse=reverse,
+                                                    axis=2)
     last = 0 if reverse else -1
-
-    def chunk(h_BxD: jax.Array, ax: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        acum_BxCxD, xcum_BxCxD = jax.lax.associative_scan(_combine, ax, reverse=reverse, axis=1)
-        h_BxCxD = acum_BxCxD * h_BxD[:, None] + xcum_BxCxD
-        return h_BxCxD[:, last], h_BxCxD
-
-    hT_BxD, h_NxBxCxD = jax.lax.scan(chunk, h0_BxD, (a_NxBxCxD, x_NxBxCxD), reverse=reverse,
-                                     unroll=unroll)
-    return h_NxBxCxD.swapaxes(0, 1).reshape(B, N * C, D)[:, :T], hT_BxD
-
+    hout_BxNxD, hT_BxD = _linear(A_BxNxCxD[:, :, last], X_BxNxCxD[:, :, last], h0_BxD, reverse=reverse,
+                                 chunk_size=chunk_size, unroll=unroll)
+    h0_Bx1xD = h0_BxD[:, None]
+    if reverse:
+        hin_BxNxD = jnp.concatenate([hout_BxNxD[:, 1:], h0_Bx1xD], axis=1)
+    else:
+        hin_BxNxD = jnp.concatenate([h0_Bx1xD, hout_BxNxD[:, :-1]], axis=1)
+    h_BxNxCxD = A_BxNxCxD * hin_BxNxD[:, :, None] + X_BxNxCxD
+    return h_BxNxCxD.reshape(B, N * C, D)[:, :T], hT_BxD
 
 BACKENDS: dict[str, Backend] = {"linear": _linear, "associative": _associative, "chunked": _chunked}
 
 # Backend used by backend="auto", keyed by `jax.default_backend()`. CPU is measured; GPU and TPU are
 # reasoned defaults, not yet measured (see docs/performance.md, "Linear-recurrence op").
-AUTO_BACKEND: dict[str, str] = {"cpu": "chunked", "gpu": "associative", "tpu": "chunked"}
+AUTO_BACKEND: dict[str, str] = {"cpu": "linear", "gpu": "associative", "tpu": "linear"}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
