@@ -13,6 +13,9 @@ the bytes a minimal implementation must move (f32) divided by the time,
 next to a streaming-copy bandwidth (`v + 1` on a large f32 array: read + write, in place and into a
 fresh output) measured in the same run. The recurrence is memory-bound, so bandwidth / copy
 bandwidth is its figure of merit.
+`temp MiB` is the compiled program's temporary memory; `saved` is what autodiff keeps from forward
+to backward besides the inputs, in [B,T,D] f32 arrays (in a deep network these residuals of every
+layer are alive at once, so this is the column that sets training memory).
 `--autodiff` adds fwd+bwd rows that differentiate the backend by plain JAX autodiff instead of the
 shared custom_vjp (beware: for the in-place `linear` backend that is quadratic in T).
 """
@@ -20,13 +23,18 @@ shared custom_vjp (beware: for the in-place `linear` backend that is quadratic i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import math
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,6 +68,22 @@ def copy_bandwidth(mib: int, warmup: int, runs: int) -> tuple[float, float]:
         return box[0]
 
     return 2 * v.nbytes / median_seconds(in_place, (), warmup, runs) / 1e9, fresh
+
+
+def saved_residual_bytes(fn: Callable[..., object], *args: jax.Array) -> int:
+    """Bytes that reverse-mode autodiff of `fn` keeps from forward to backward, excluding the inputs
+    (which the caller holds anyway); parsed from `jax.ad_checkpoint.print_saved_residuals`."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    total = 0
+    for line in out.getvalue().splitlines():
+        match = re.match(r"(bf16|pred|[fsu]\d+)\[([\d,]*)\]", line)
+        if match and "from the argument" not in line:
+            dtype, dims = match.groups()
+            bits = {"bf16": 16, "pred": 8}.get(dtype) or int(dtype[1:])
+            total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    return total
 
 
 def cpu_model() -> str:
@@ -101,8 +125,8 @@ def main() -> None:
     copy_gbs, fresh_gbs = copy_bandwidth(args.copy_mib, args.warmup, args.runs)
     print(f"streaming copy (v + 1 over {args.copy_mib} MiB f32): {copy_gbs:.2f} GB/s in place, "
           f"{fresh_gbs:.2f} GB/s into a fresh output; '/ copy' below divides by the in-place figure\n")
-    print("| B x T x D | backend | pass | time ms | GB/s | / copy | temp MiB |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| B x T x D | backend | pass | time ms | GB/s | / copy | temp MiB | saved |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
 
     rng = np.random.default_rng(0)
     for B, T, D in map(parse_shape, args.shapes.split(",")):
@@ -135,8 +159,9 @@ def main() -> None:
                 temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
                 seconds = median_seconds(compiled, (a, x, h0, g), args.warmup, args.runs)
                 gbs = arrays * array_bytes / seconds / 1e9
+                saved = f"{saved_residual_bytes(fn, a, x, h0) / array_bytes:.1f}" if backward else ""
                 print(f"| {B}x{T}x{D} | {name} | {label} | {seconds * 1e3:.1f} | {gbs:.2f} | "
-                      f"{gbs / copy_gbs:.2f} | {temp_mib:.0f} |", flush=True)
+                      f"{gbs / copy_gbs:.2f} | {temp_mib:.0f} | {saved} |", flush=True)
 
     copy_end, fresh_end = copy_bandwidth(args.copy_mib, args.warmup, args.runs)
     print(f"\nstreaming copy again at the end: {copy_end:.2f} GB/s in place, {fresh_end:.2f} GB/s fresh "
