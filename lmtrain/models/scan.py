@@ -118,6 +118,7 @@ def _chunked(a_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array, *, rever
     h_BxNxCxD = A_BxNxCxD * hin_BxNxD[:, :, None] + X_BxNxCxD
     return h_BxNxCxD.reshape(B, N * C, D)[:, :T], hT_BxD
 
+
 BACKENDS: dict[str, Backend] = {"linear": _linear, "associative": _associative, "chunked": _chunked}
 
 # backend="auto" by `jax.default_backend()`; the reasons and numbers are in docs/performance.md.
