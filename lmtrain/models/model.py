@@ -5,9 +5,11 @@
 
 Running a sequence in one call equals running it in pieces with the state passed along, and
 equals token-by-token decoding. `segment_ids` mark documents: every layer resets where the id
-changes (also between calls: the state remembers the last id). A fresh state (`None` or
-`init_state`) has segment -1, which never triggers a reset, so a non-zero initial recurrent state
-(e.g. sampled noise) is used by the first token. Positions default to the position within the
+changes, also between calls (the state remembers the last id). A fresh state (`None` or
+`init_state`) has segment -1: the first token starts a document (a = 0, input multiplier 1, as in
+recurrentgemma). To start from a fabricated history instead (noise, another sequence's final
+state), set `segment_B` to the first segment id of the next call (0 when `segment_ids` is None):
+then the first token continues from the given state. Positions default to the position within the
 document, continuing across calls.
 
 Layers are grouped by pattern repeats: `groups[i]` stacks (leading axis `layers`) the parameters
@@ -21,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmtrain.models.blocks import MIXERS, ResidualBlock
@@ -40,7 +43,7 @@ class ModelState(NamedTuple):
     """Everything a model carries between calls (a pytree of arrays)."""
 
     position_B: jax.Array  # int32: position of the next token within its document
-    segment_B: jax.Array  # int32: segment id of the last token seen; -1 = fresh (no reset)
+    segment_B: jax.Array  # int32: segment id of the last token seen; -1 = fresh (next token starts a doc)
     groups: tuple  # per pattern letter: that mixer's state stacked over repeats
     tail: tuple  # per remaining layer: its mixer state
 
@@ -105,8 +108,7 @@ class LanguageModel(nnx.Module):
             seg_BxT = jnp.broadcast_to(jnp.maximum(prev_seg_B, 0)[:, None], (b, t))
         else:
             seg_BxT = jnp.asarray(segment_ids, jnp.int32)
-        before_BxT = jnp.concatenate([jnp.where(prev_seg_B < 0, seg_BxT[:, 0], prev_seg_B)[:, None],
-                                      seg_BxT[:, :-1]], axis=1)
+        before_BxT = jnp.concatenate([prev_seg_B[:, None], seg_BxT[:, :-1]], axis=1)
         reset_BxT = seg_BxT != before_BxT
         if positions is None:
             idx_T = jnp.arange(t, dtype=jnp.int32)
@@ -125,7 +127,8 @@ class LanguageModel(nnx.Module):
             if arr is not None and tuple(arr.shape) != tuple(tokens_BxT.shape):
                 raise ValueError(f"{name} shape {tuple(arr.shape)} != tokens shape {tuple(tokens_BxT.shape)}")
         if not isinstance(tokens_BxT, jax.core.Tracer):  # concrete ids: check the range eagerly
-            lo, hi = int(jnp.min(tokens_BxT)), int(jnp.max(tokens_BxT))
+            ids = np.asarray(tokens_BxT)
+            lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]; "
                                  "the tokenizer's vocabulary must fit model.vocab_size")

@@ -1,7 +1,7 @@
 """Device mesh and parameter shardings from config.
 
 The mesh has named axes `data`, `fsdp` and `tensor`, sized by `MeshConfig` (one size may be -1:
-it takes whatever devices are left). Parameters carry logical axis names in their `out_sharding`
+it takes whatever devices are left). Parameters carry logical axis names in their `logical_axes`
 metadata; `MeshConfig.rules` maps each logical name to mesh axes, so changing the parallelism
 strategy is a config change. A dimension that is not divisible by the mesh axes it maps to keeps
 the longest prefix of those axes that divides it (replicated if none does), with a warning;
@@ -129,7 +129,7 @@ def _path_str(path: Sequence[Any]) -> str:
 
 
 def _logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-    axes = variable.get_metadata("out_sharding", None)
+    axes = variable.get_metadata("logical_axes", None)
     if axes is None:
         return None
     return tuple(axes)
@@ -164,7 +164,7 @@ def param_specs(tree: Any, rules: Rules, mesh: Mesh | None = None, *, strict: bo
 
     Each Variable is replaced by a copy holding its spec (the tree keeps its structure, so it can be
     passed to `jit` as shardings of `tree`, or through `nnx.to_pure_dict`). Variables without
-    `out_sharding` metadata and plain leaves (arrays, scalars) are replicated. With `mesh`, every dimension is
+    `logical_axes` metadata and plain leaves (arrays, scalars) are replicated. With `mesh`, every dimension is
     checked for divisibility (see `fit_spec`).
     """
     warned: set[str] = set()

@@ -77,10 +77,9 @@ def test_make_mesh_single_device():
 
 class Tiny(nnx.Module):
     def __init__(self):
-        self.kernel = nnx.Param(jnp.zeros((8, 6)), out_sharding=("embed", "mlp"), eager_sharding=False)
-        self.stacked = nnx.Param(jnp.zeros((3, 8, 4)), out_sharding=("layers", "embed", "lru"),
-                                 eager_sharding=False)
-        self.scale = nnx.Param(jnp.zeros((8,)), eager_sharding=False)
+        self.kernel = nnx.Param(jnp.zeros((8, 6)), logical_axes=("embed", "mlp"))
+        self.stacked = nnx.Param(jnp.zeros((3, 8, 4)), logical_axes=("layers", "embed", "lru"))
+        self.scale = nnx.Param(jnp.zeros((8,)))
 
 
 def test_param_specs_from_metadata():
@@ -93,7 +92,7 @@ def test_param_specs_from_metadata():
 
 def test_param_specs_plain_leaves_replicated_and_rank_mismatch():
     assert mesh_lib.param_specs({"a": jnp.zeros(3)}, DEFAULT_RULES) == {"a": PartitionSpec()}
-    bad = {"w": nnx.Param(jnp.zeros((2, 2)), out_sharding=("embed",), eager_sharding=False)}
+    bad = {"w": nnx.Param(jnp.zeros((2, 2)), logical_axes=("embed",))}
     with pytest.raises(ValueError, match=r"w: 1 logical axes \('embed',\) for a parameter of shape \(2, 2\)"):
         mesh_lib.param_specs(bad, DEFAULT_RULES)
 
@@ -117,7 +116,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
     cfg = configlib.from_dict(mesh_lib.MeshConfig, {"data": 2, "fsdp": 2, "tensor": 2})
     mesh = mesh_lib.make_mesh(cfg)
-    state = {"w": nnx.Param(jnp.ones((8, 6)), out_sharding=("embed", "mlp"), eager_sharding=False)}
+    state = {"w": nnx.Param(jnp.ones((8, 6)), logical_axes=("embed", "mlp"))}
     specs = mesh_lib.param_specs(state, cfg.rules, mesh)
     shard = mesh_lib.shardings(state, mesh, cfg.rules)["w"].get_value()
     placed = jax.device_put(state["w"].get_value(), shard)
