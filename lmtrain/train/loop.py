@@ -1,0 +1,161 @@
+"""The training loop: workdir, mesh, data, resume, steps, evaluation, logging, checkpoints.
+
+    summary = train(load_config("configs/demo.yaml", ["train.steps=100"]))
+
+A run restarted with the same workdir resumes from its latest good checkpoint (parameters,
+optimizer, step, RNG, data-iterator position), so the resumed loss curve equals the uninterrupted
+one. SIGTERM saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lmtrain import configlib
+from lmtrain.config import Config, ConfigError, check_runtime, save_config
+from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_iterator, to_global_batch
+from lmtrain.data.tokenizer import load_tokenizer
+from lmtrain.models.flops import count_params, train_flops_per_token
+from lmtrain.train.checkpoint import Checkpointer, PreemptionGuard
+from lmtrain.train.mesh import describe_mesh, make_mesh
+from lmtrain.train.metrics import MetricsWriter, device_peak_flops, mfu
+from lmtrain.train.optimizer import nonfinite_groups
+from lmtrain.train.step import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def prepare_workdir(cfg: Config) -> Path:
+    """Creates the workdir and writes `config.yaml`; a differing earlier config is kept, never lost.
+
+    Resuming with a different model section is refused (the checkpoints would not fit).
+    """
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    if path.exists():
+        import yaml
+        old = yaml.safe_load(path.read_text()) or {}
+        new = configlib.to_dict(cfg)
+        has_ckpt = any(cfg.checkpoint.path(workdir).glob("[0-9]*"))
+        if has_ckpt and old.get("model") != new["model"]:
+            raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "
+                              f"original model settings (see {path}) or choose a new workdir")
+        if old != new:
+            n = 1
+            while (workdir / f"config.prev-{n}.yaml").exists():
+                n += 1
+            path.rename(workdir / f"config.prev-{n}.yaml")
+            log.warning("config differs from the one in %s; previous kept as config.prev-%d.yaml", workdir, n)
+    if jax.process_index() == 0:
+        save_config(cfg, path)
+    return workdir
+
+
+def batch_axes_size(trainer: Trainer) -> int:
+    """Number of data-parallel shards of the batch (mesh axes the `batch` rule maps to)."""
+    spec = trainer.batch_sharding.spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(trainer.mesh.shape[a] for a in axes)
+
+
+def evaluate(trainer: Trainer, params: Any, cfg: Config) -> dict[str, float]:
+    """Mean loss and perplexity over `cfg.eval.batches` held-out batches."""
+    nll, tokens = 0.0, 0.0
+    batches = make_eval_iterator(cfg.data, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), num_batches=cfg.eval.batches)
+    for batch in batches:
+        out = trainer.eval_step(params, to_global_batch(batch, trainer.mesh, trainer.batch_sharding))
+        nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["tokens"])
+    loss = nll / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Runs (or resumes) the training run described by `cfg`; returns a summary dict."""
+    workdir = prepare_workdir(cfg)
+    mesh = make_mesh(cfg.mesh)
+    trainer = Trainer(cfg, mesh)
+    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size)
+    log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
+    data = make_train_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = Checkpointer(cfg.checkpoint.path(workdir), cfg.checkpoint)
+    restored = ckpt.restore_latest(trainer.abstract_state())
+    if restored is None:
+        step, state = 0, trainer.init_state()
+    else:
+        step, state, data_state = restored
+        data.set_state(data_state)
+        log.info("resumed from step %d", step)
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak = device_peak_flops(override=cfg.log.peak_flops)
+    writer = MetricsWriter(workdir, cfg.log, cfg.train.steps, start_step=step)
+    summary: dict[str, Any] = {"start_step": step, "preempted": False}
+    start, window_t0, window_steps, compile_s = time.perf_counter(), time.perf_counter(), 0, None
+    try:
+        with PreemptionGuard() as guard:
+            while step < cfg.train.steps:
+                batch = to_global_batch(next(data), mesh, trainer.batch_sharding)
+                t0 = time.perf_counter()
+                state, metrics = trainer.train_step(state, batch)
+                step += 1
+                skipped = int(state.skipped)  # one scalar per step: the non-finite check
+                if compile_s is None:
+                    compile_s, window_t0 = time.perf_counter() - t0, time.perf_counter()
+                else:
+                    window_steps += 1
+                if skipped:
+                    _on_nonfinite(step, skipped, metrics, cfg)
+                if writer.should_log(step):
+                    elapsed = time.perf_counter() - window_t0
+                    step_s = elapsed / window_steps if window_steps else compile_s
+                    record = {k: float(v) for k, v in metrics.items() if k != "group_norms"}
+                    record.update(tokens_per_sec=tokens_per_step / step_s, step_time_s=step_s,
+                                  mfu=mfu(flops_per_step, step_s, mesh.devices.size, peak),
+                                  **{f"data/{k}": v for k, v in data_stats(data.get_state()).items()})
+                    summary["train"] = writer.write(step, record)
+                    window_t0, window_steps = time.perf_counter(), 0
+                if step == cfg.train.steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
+                    summary["eval"] = writer.write(step, {f"eval/{k}": v for k, v in
+                                                          evaluate(trainer, state.params, cfg).items()})
+                    window_t0 = time.perf_counter()
+                ckpt.maybe_save(step, state, data.get_state(), force=step == cfg.train.steps)
+                if guard.requested:
+                    log.warning("preempted at step %d: saving a checkpoint and stopping", step)
+                    ckpt.maybe_save(step, state, data.get_state(), force=True)
+                    summary["preempted"] = True
+                    break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    summary.update(step=step, seconds=time.perf_counter() - start, compile_seconds=compile_s)
+    summary["state"] = state
+    return summary
+
+
+def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:
+    groups = nonfinite_groups({k: float(v) for k, v in metrics["group_norms"].items()})
+    where = f"parameter group(s) {', '.join(groups)}" if groups else "the loss"
+    log.warning("step %d: non-finite loss or gradients in %s; update skipped (%d in a row)", step, where, skipped)
+    if skipped > cfg.train.max_skipped_steps:
+        raise TrainingDiverged(
+            f"{skipped} consecutive non-finite steps (limit train.max_skipped_steps={cfg.train.max_skipped_steps}); "
+            f"last at step {step}, non-finite gradients in {where}. Lower optimizer.lr, raise "
+            f"schedule.warmup_steps, or check the data; the last good checkpoint is in "
+            f"{cfg.checkpoint.path(cfg.workdir)}")
+
+
+__all__ = ["TrainState", "TrainingDiverged", "evaluate", "prepare_workdir", "train"]
+
