@@ -96,10 +96,36 @@ def check_runtime(cfg: Config, num_devices: int, batch_axes_size: int, tokenizer
 def config_reference() -> str:
     """Markdown table of every field (the body of docs/config.md)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for name, tp, default, help_ in configlib.describe(Config):
+    from lmtrain.data.config import SourceConfig
+
+    rows = configlib.describe(Config) + configlib.describe(SourceConfig, "data.sources[].")
+    for name, tp, default, help_ in rows:
         lines.append(f"| `{name}` | `{tp}` | `{default}` | {help_} |")
     return "\n".join(lines)
 
 
+DOC_HEADER = """# Configuration reference
+
+A run is one YAML file with the sections below; any field can be overridden on the command line
+with a dotted `KEY=VALUE` (the value is parsed as YAML):
+
+    lmtrain train configs/demo.yaml optimizer.lr=1e-3 model.pattern=RA workdir=runs/ra
+
+Unknown keys fail with a suggestion (`unknown config key 'model.patern' (did you mean 'pattern'?)`),
+wrong types name the dotted path (`optimizer.lr: expected a number, got 'abc'`), and cross-field
+checks run before anything is compiled: the mesh must cover the devices, the global batch must
+divide over the data-parallel axes (and over `train.grad_accum`), `model.window <= data.seq_len`,
+the tokenizer's vocabulary must fit `model.vocab_size`. The resolved config (every default spelled
+out) is written to `WORKDIR/config.yaml`; `lmtrain check CONFIG` prints it without training.
+
+`data.sources` is a list; each entry has the `data.sources[].*` fields. `mesh.rules` maps logical
+axis names to mesh axes (see [sharding.md](sharding.md)).
+
+This table is generated from the dataclasses (`python -m lmtrain.config > docs/config.md`);
+a test keeps it in sync.
+
+"""
+
+
 if __name__ == "__main__":
-    print(config_reference())
+    print(DOC_HEADER + config_reference())

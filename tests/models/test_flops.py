@@ -1,0 +1,27 @@
+"""Parameter count and analytic FLOPs against hand counts for a small config."""
+
+from lmtrain.models import ModelConfig
+from lmtrain.models.flops import count_params, forward_flops_per_token, mean_context, train_flops_per_token
+
+
+def test_mean_context_closed_form():
+    assert mean_context(4, 10) == (1 + 2 + 3 + 4) / 4
+    assert mean_context(6, 2) == (1 + 2 + 3 + 3 + 3 + 3) / 6
+
+
+def test_hand_count_griffin():
+    cfg = ModelConfig(vocab_size=100, width=8, num_layers=3, pattern="RRA", num_heads=2, num_kv_heads=1,
+                      window=2, lru_width=12, mlp_expansion=3)
+    d, f, lw, h, hd, c, v = 8, 24, 12, 2, 4, 4, 100
+    mlp_params = 2 * (d * f + f) + f * d + d
+    norms = 2 * d
+    r_params = 3 * (d * lw + lw) - lw + d + (c * lw + lw) + lw + 2 * (h * (lw // h) ** 2 + lw)
+    a_params = d * h * hd + 2 * d * hd + h * hd * d + d
+    assert count_params(cfg) == v * d + d + 2 * (r_params + mlp_params + norms) + a_params + mlp_params + norms
+    t = 4
+    mlp = 2 * 3 * d * f
+    r = 2 * 3 * d * lw + 2 * 2 * lw * lw / h + 2 * c * lw + 2 * lw
+    a = 2 * (d * h * hd + 2 * d * hd + h * hd * d) + 4 * h * hd * (1 + 2 + 3 + 3) / 4
+    expected = 2 * (r + mlp) + (a + mlp) + 2 * d * v
+    assert forward_flops_per_token(cfg, t) == expected
+    assert train_flops_per_token(cfg, t) == 3 * expected
