@@ -4,7 +4,8 @@ Each step directory `<dir>/<step>/` holds three items:
 - `state`: the train-state pytree of arrays (params, optimizer state, step, rng), restored onto the
   shardings of an abstract target, so a checkpoint written on one mesh restores onto another;
 - `data`: the data-iterator state as JSON (a JSON value, or bytes holding JSON as grain's
-  `DataLoader` iterator returns);
+  `DataLoader` iterator returns), one file per process (`process_<i>-of-<n>.json`): each process
+  reads its own shard of the data, so each has its own iterator state;
 - `meta`: free-form JSON metadata (step, wall time, whatever the caller adds).
 
 A checkpoint that cannot be restored (a missing or truncated file) or was never finalized (an orbax
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import re
 import signal
@@ -93,6 +95,38 @@ def _decode_data_state(stored: Mapping[str, Any]) -> Any:
     return stored.get("value")
 
 
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class _PerProcessJsonHandler(ocp.JsonCheckpointHandler):
+    """orbax's JSON item, but every process writes its own `process_<i>-of-<n>.json` (as grain's
+    handler does) instead of process 0 alone. Restoring with a different process count gives None."""
+
+    async def _save_fn(self, x, directory):
+        (directory / _process_file()).write_text(json.dumps(x))
+
+    def restore(self, directory, item=None, args=None) -> Any:
+        path = directory / _process_file()
+        if path.exists():
+            return json.loads(path.read_text())
+        if not any(directory.glob("process_*-of-*.json")):
+            raise FileNotFoundError(f"{path} not found")
+        return None  # written by a different number of processes
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
 class Checkpointer:
     """Saves and restores `(step, train state, data-iterator state)` under `directory`."""
 
@@ -148,7 +182,7 @@ class Checkpointer:
                 **(metadata or {})}
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            data=_DataSave(_encode_data_state(data_state)),
             meta=ocp.args.JsonSave(meta),
         ))
         self._last_save_time = time.monotonic()
@@ -165,6 +199,9 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
         """`(step, state, data_state)` from the newest checkpoint that restores, or None if there is none.
+
+        `data_state` is None (with a warning) when the checkpoint was written by a different number
+        of processes: the data shards differ, so the data iterator cannot continue where it was.
 
         `abstract_state` is the target: a tree of `jax.ShapeDtypeStruct`s carrying the shardings to
         restore onto (e.g. `jax.eval_shape` output with shardings attached, or `abstract_like(state)`).
@@ -202,8 +239,13 @@ class Checkpointer:
     def _restore(self, step: int, abstract_state: Any) -> tuple[int, Any, Any]:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(abstract_state)),
-            data=ocp.args.JsonRestore(),
+            data=_DataRestore(),
         ))
+        if restored.data is None:
+            log.warning("checkpoint: step %d was written by a different number of processes than %d; the "
+                        "data iterator starts again from the beginning of this process's shard",
+                        step, jax.process_count())
+            return step, restored.state, None
         return step, restored.state, _decode_data_state(restored.data)
 
     def metadata(self, step: int | None = None) -> dict[str, Any]:
@@ -256,7 +298,8 @@ class Checkpointer:
 
 class PreemptionGuard:
     """Within `with PreemptionGuard() as guard:`, SIGTERM sets `guard.requested` instead of killing
-    the process, so the training loop can save a checkpoint and exit cleanly. The previous handlers
+    the process, so the training loop can save a checkpoint and exit cleanly (multi-process loops
+    ask `guard.should_stop()`, which every process answers alike). The previous handlers
     are restored on exit. Must be entered on the main thread (a Python signal-handling rule).
     """
 
@@ -265,6 +308,14 @@ class PreemptionGuard:
         self.requested = False
         self.signal_received: int | None = None
         self._previous: dict[int, Any] = {}
+
+    def should_stop(self) -> bool:
+        """Whether any process has received a signal. With several processes this is agreed on by
+        all of them (one small collective), so they all stop and save at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

@@ -42,22 +42,24 @@ def prepare_workdir(cfg: Config) -> Path:
     """
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
+    path, old, new = workdir / "config.yaml", None, configlib.to_dict(cfg)
     if path.exists():
         import yaml
         old = yaml.safe_load(path.read_text()) or {}
-        new = configlib.to_dict(cfg)
         has_ckpt = any(cfg.checkpoint.path(workdir).glob("[0-9]*"))
         if has_ckpt and old.get("model") != new["model"]:
             raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "
                               f"original model settings (see {path}) or choose a new workdir")
-        if old != new:
+    if jax.process_count() > 1:  # every process has read config.yaml before process 0 replaces it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("lmtrain_prepare_workdir")
+    if jax.process_index() == 0:
+        if old is not None and old != new:
             n = 1
             while (workdir / f"config.prev-{n}.yaml").exists():
                 n += 1
             path.rename(workdir / f"config.prev-{n}.yaml")
             log.warning("config differs from the one in %s; previous kept as config.prev-%d.yaml", workdir, n)
-    if jax.process_index() == 0:
         save_config(cfg, path)
     return workdir
 
@@ -95,7 +97,8 @@ def train(cfg: Config) -> dict[str, Any]:
         step, state = 0, trainer.init_state()
     else:
         step, state, data_state = restored
-        data.set_state(data_state)
+        if data_state is not None:  # None: written by another process count (see Checkpointer)
+            data.set_state(data_state)
         log.info("resumed from step %d", step)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -131,7 +134,7 @@ def train(cfg: Config) -> dict[str, Any]:
                                                           evaluate(trainer, state.params, cfg).items()})
                     window_t0 = time.perf_counter()
                 ckpt.maybe_save(step, state, data.get_state(), force=step == cfg.train.steps)
-                if guard.requested:
+                if guard.should_stop():
                     log.warning("preempted at step %d: saving a checkpoint and stopping", step)
                     ckpt.maybe_save(step, state, data.get_state(), force=True)
                     summary["preempted"] = True
