@@ -1,0 +1,183 @@
+"""Training loop: exact resume, corrupt-checkpoint fallback, SIGTERM, divergence, workdir config guard."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from lmtrain.config import ConfigError, load_config
+from lmtrain.train.loop import TrainingDiverged, prepare_workdir, train
+
+ROOT = Path(__file__).resolve().parents[2]
+# The tiny model of tests/train/test_step.py (keep in sync: identical shapes and optimizer share compiled
+# steps through the persistent compilation cache), checkpoints every N=4 steps, every step logged.
+TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
+        "data.seq_len=32", "data.global_batch_size=4", "schedule.kind=constant", "schedule.warmup_steps=4",
+        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+N = 4
+BASE = [*TINY, "log.every_steps=1", "log.progress=false", "log.tensorboard=false", "log.peak_flops=1e12",
+        f"checkpoint.every_steps={N}", "checkpoint.every_minutes=0", "checkpoint.async_save=false",
+        "eval.every_steps=0", "eval.batches=1", "data.read_threads=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this session's trainer tests (same tiny model)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    values = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_cache"),
+              "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in values}
+    for name, value in values.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield values["jax_compilation_cache_dir"]
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+def config(workdir, *extra):
+    return load_config(ROOT / "configs/demo.yaml", [*BASE, f"workdir={workdir}", *extra])
+
+
+def records(workdir) -> dict[int, dict]:
+    """The last training record of each step in metrics.jsonl (a resumed run appends)."""
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "grad_norm" in record:
+            out[record["step"]] = record
+    return out
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_same_curve(a: dict[int, dict], b: dict[int, dict], steps) -> None:
+    for step in steps:
+        for key in ("loss", "grad_norm", "lr", "tokens"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run of 2N steps (checkpoints at N and 2N)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    summary = train(config(workdir, f"train.steps={2 * N}"))
+    assert summary["start_step"] == 0 and summary["step"] == 2 * N
+    assert checkpoint_steps(workdir) == [N, 2 * N]
+    return workdir, jax.device_get(summary["state"].params)
+
+
+def test_resume_equals_uninterrupted(straight, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    first = train(config(tmp_path, f"train.steps={N}"))
+    assert first["step"] == N and checkpoint_steps(tmp_path) == [N]
+    second = train(config(tmp_path, f"train.steps={2 * N}"))
+    assert second["start_step"] == N and second["step"] == 2 * N
+    assert f"resumed from step {N}" in caplog.text
+    expected, got = records(straight[0]), records(tmp_path)
+    assert sorted(got) == list(range(1, 2 * N + 1))
+    assert expected[N]["lr"] != expected[N + 1]["lr"]  # still warming up across the resume point
+    assert_same_curve(expected, got, range(1, 2 * N + 1))
+    for a, b in zip(jax.tree.leaves(straight[1]), jax.tree.leaves(jax.device_get(second["state"].params)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Only the run length changed: the first run's config is kept beside the new one.
+    assert yaml.safe_load((tmp_path / "config.prev-1.yaml").read_text())["train"]["steps"] == N
+
+
+def test_corrupt_checkpoint_falls_back_and_is_kept(straight, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[0], workdir)
+    bad = workdir / "checkpoints" / str(2 * N)
+    manifest = bad / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])  # truncated
+    summary = train(config(workdir, f"train.steps={2 * N + 2}"))
+    assert summary["start_step"] == N and summary["step"] == 2 * N + 2
+    assert f"step {2 * N} in" in caplog.text and "does not restore" in caplog.text
+    moved = workdir / "checkpoints" / f"corrupt-{2 * N}"
+    assert f"moved it to {moved}" in caplog.text
+    assert (moved / "state" / "manifest.ocdbt").stat().st_size == 10  # kept, untouched
+    assert checkpoint_steps(workdir) == [N, 2 * N, 2 * N + 2]
+    assert_same_curve(records(straight[0]), records(workdir), range(N + 1, 2 * N + 1))  # retrained identically
+
+
+def test_sigterm_saves_and_resumes(tmp_path, caplog, compilation_cache):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "lmtrain.cli", "train", "configs/demo.yaml", *BASE, "train.steps=100000",
+           f"workdir={tmp_path}"]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        try:
+            metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+                assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no training progress"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert returncode == 0, stderr[-3000:]
+    assert "preempted" in stdout and "preempted at step" in stderr
+    step = int(re.search(r"done: step (\d+)", stdout).group(1))
+    assert step >= 3 and checkpoint_steps(tmp_path)[-1] == step
+    assert max(records(tmp_path)) == step
+    caplog.set_level(logging.INFO)
+    summary = train(config(tmp_path, f"train.steps={step + 2}"))
+    assert summary["start_step"] == step and summary["step"] == step + 2
+    assert f"resumed from step {step}" in caplog.text
+
+
+def test_nonfinite_steps_skip_then_diverge(tmp_path, caplog):
+    cfg = config(tmp_path, "train.steps=50", "optimizer.lr=1e30", "schedule.warmup_steps=0",
+                 "train.max_skipped_steps=2")
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite steps .*last at step 4, non-finite "
+                                               r"gradients in parameter group\(s\) (embedder|final_norm|groups/)"):
+        train(cfg)
+    got = records(tmp_path)
+    assert sorted(got) == [1, 2, 3]  # step 4 raised before logging
+    assert got[1]["finite"] == 1.0 and got[1]["loss"] is not None
+    for step in (2, 3):
+        assert got[step]["finite"] == 0.0 and got[step]["loss"] is None and "loss" in got[step]["nonfinite"]
+    assert "update skipped (2 in a row)" in caplog.text
+
+
+def test_workdir_refuses_other_model_and_keeps_old_configs(straight, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[0], workdir)
+    original = (workdir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="checkpoints of a different model config"):
+        train(config(workdir, f"train.steps={2 * N}", "model.mlp_expansion=2"))
+    assert (workdir / "config.yaml").read_text() == original and not list(workdir.glob("config.prev-*"))
+    same = config(workdir, f"train.steps={2 * N}")
+    prepare_workdir(same)  # adopts the copied run (its workdir differs)
+    for path in workdir.glob("config.prev-*"):
+        path.unlink()
+    prepare_workdir(same)  # the same config again: nothing to keep
+    assert not list(workdir.glob("config.prev-*"))
+    for n, lr in enumerate(("1e-3", "2e-3"), start=1):
+        previous = (workdir / "config.yaml").read_text()
+        prepare_workdir(config(workdir, f"train.steps={2 * N}", f"optimizer.lr={lr}"))
+        assert (workdir / f"config.prev-{n}.yaml").read_text() == previous
+        assert yaml.safe_load((workdir / "config.yaml").read_text())["optimizer"]["lr"] == float(lr)
+    shutil.rmtree(workdir / "checkpoints")  # without checkpoints a new model is fine
+    prepare_workdir(config(workdir, "model.mlp_expansion=2"))
+    assert (workdir / "config.prev-3.yaml").exists()
