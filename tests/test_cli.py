@@ -1,0 +1,94 @@
+"""`lmtrain` end to end in subprocesses: train writes every output, check reports, mistakes exit 2."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmtrain.cli import main
+from lmtrain.config import load_config
+from lmtrain.models.flops import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "lmtrain"
+LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain.cli"]
+# The tiny model of tests/train/test_step.py (same shapes and optimizer: compiled steps are shared).
+TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
+        "data.seq_len=32", "data.global_batch_size=4", "schedule.kind=constant", "schedule.warmup_steps=4",
+        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def lmtrain(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMTRAIN, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_end_to_end(env, tmp_path):
+    overrides = [*TINY, "train.steps=6", "log.every_steps=2", "log.tensorboard=true", "log.progress=false",
+                 "checkpoint.every_steps=3", "eval.every_steps=3", "eval.batches=1", f"workdir={tmp_path}"]
+    proc = lmtrain(env, "train", "configs/demo.yaml", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"done: step 6 .*train loss \d+\.\d+, eval loss \d+\.\d+", proc.stdout), proc.stdout
+    assert load_config(tmp_path / "config.yaml") == load_config(ROOT / "configs/demo.yaml", overrides)
+
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval/loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    for record in train:
+        for key in ("loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "step_time_s"):
+            assert isinstance(record[key], float) and math.isfinite(record[key]), (key, record)
+        assert 0 < record["mfu"] < 1 and record["tokens_per_sec"] > 0 and record["tokens"] == 4 * 32
+        assert 0 < record["loss"] < 2 * math.log(260)
+    assert all(r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"])) for r in evals)
+
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    data = b"".join(p.read_bytes() for p in events)
+    assert b"loss" in data and b"eval/loss" in data and b"tokens_per_sec" in data
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["3", "6"]
+    assert (ckpts / "6" / "state").is_dir() and (ckpts / "6" / "data").is_dir()
+
+
+def test_check_reports_size_flops_mesh_memory(env):
+    proc = lmtrain(env, "check", "configs/demo.yaml", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    cfg = load_config(ROOT / "configs/demo.yaml", TINY)
+    assert f"parameters: {count_params(cfg.model):,}\n" in out
+    assert re.search(r"training FLOPs per token: [\d.e+]+ \([\d.e+]+ per step\)", out)
+    assert re.search(r"mesh: mesh data=1 fsdp=1 tensor=1 over 1 \w+ devices?", out)
+    assert re.search(r"compiled train step memory per device: temp [\d.]+ GiB, arguments [\d.]+ GiB", out)
+    assert out.rstrip().endswith("config OK")
+    assert "width: 32" in out  # the resolved config is printed
+
+
+def test_bad_key_exits_2_with_did_you_mean(env, tmp_path):
+    proc = lmtrain(env, "train", "configs/demo.yaml", "optimizer.lrr=3e-4", f"workdir={tmp_path / 'run'}")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "lmtrain: error: unknown config key 'optimizer.lrr' (did you mean 'lr'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "configs/demo.yaml", "model.width=abc"], r"model\.width: expected an integer"),
+    (["train", "configs/nope.yaml"], r"config file 'configs/nope\.yaml' does not exist"),
+    (["check", "configs/demo.yaml", "mesh.data=3", "mesh.fsdp=1"], r"needs 3 devices but \d+ are available"),
+    (["check", "configs/demo.yaml", "model.vocab_size=100"], r"tokenizer has 259 ids but model\.vocab_size is 100"),
+])
+def test_mistakes_exit_2_with_message(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search("^lmtrain: error: .*" + message, err), err
