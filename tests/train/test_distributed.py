@@ -101,28 +101,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(workdir: Path, count: int, devices_per_process: int) -> list[str]:
+class Processes:
     """`lmtrain train` as `count` processes on localhost (what launch/local_multiprocess.sh does)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
-               JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(count))
-    logs = [workdir.parent / f"process_{i}.log" for i in range(count)]
-    procs = []
-    for i, log in enumerate(logs):
-        with log.open("w") as out:  # files, not pipes: a full pipe would stall one process and so all
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "lmtrain.cli", "train", "configs/demo.yaml", *TINY, f"workdir={workdir}"],
-                cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=400)
-    finally:
-        for p in procs:
+
+    def __init__(self, workdir: Path, count: int, devices_per_process: int):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "XLA_FLAGS"))}
+        # Less LLVM optimization: compiling dominates these few tiny steps (about half the time).
+        env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
+                   XLA_FLAGS="--xla_backend_optimization_level=0",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(count))
+        self.logs = [workdir.parent / f"process_{i}.log" for i in range(count)]
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            with log.open("w") as out:  # files, not pipes: a full pipe would stall one process and so all
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "lmtrain.cli", "train", "configs/demo.yaml", *TINY, f"workdir={workdir}"],
+                    cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=subprocess.STDOUT))
+
+    def kill(self) -> None:
+        for p in self.procs:
             if p.poll() is None:
                 p.kill()
-    texts = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0] * count, "\n\n".join(t[-3000:] for t in texts)
-    return texts
+                p.wait()
+
+    def wait(self, timeout: float) -> list[str]:
+        """Waits for all; asserts they exited 0; returns their output."""
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        finally:
+            self.kill()
+        texts = [log.read_text() for log in self.logs]
+        assert [p.returncode for p in self.procs] == [0] * len(self.procs), "\n\n".join(t[-3000:] for t in texts)
+        return texts
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -141,7 +152,22 @@ def test_two_processes_train_like_one(tmp_path):
     from lmtrain.train.step import Trainer
 
     workdir = tmp_path / "run"
-    logs = run_processes(workdir, count=2, devices_per_process=1)
+    processes = Processes(workdir, count=2, devices_per_process=1)
+    try:
+        # The reference, computed while they run: one process, one device, the same global batches.
+        cfg = load_config(str(REPO / "configs/demo.yaml"), TINY + [f"workdir={tmp_path / 'ref'}"])
+        trainer = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+        shards = [make_train_iterator(cfg.data, process_index=p, process_count=2) for p in (0, 1)]
+        state, ref = trainer.init_state(), []
+        for _ in range(4):
+            rows = [next(it) for it in shards]
+            batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+            state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
+            ref.append(float(metrics["loss"]))
+    except BaseException:
+        processes.kill()
+        raise
+    logs = processes.wait(timeout=400)
     assert "process 1 of 2 (explicit): 1 local of 2 global cpu devices" in logs[1]
     assert "fsdp=2" in logs[0]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -150,17 +176,6 @@ def test_two_processes_train_like_one(tmp_path):
     assert any("eval/loss" in r for r in records)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
     assert not list(workdir.glob("config.prev-*"))
-
-    # The reference: one process, one device, the same global batches.
-    cfg = load_config(str(REPO / "configs/demo.yaml"), TINY + [f"workdir={tmp_path / 'ref'}"])
-    trainer = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    shards = [make_train_iterator(cfg.data, process_index=p, process_count=2) for p in (0, 1)]
-    state, ref = trainer.init_state(), []
-    for _ in range(4):
-        rows = [next(it) for it in shards]
-        batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-        state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
-        ref.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref, atol=1e-4)
     assert abs(ref[0] - math.log(cfg.model.vocab_size)) < 1.0
 
