@@ -1,7 +1,8 @@
-"""`lmtrain` command line: train | check | tokenizer.
+"""`lmtrain` command line: train | check | eval | tokenizer.
 
     lmtrain train CONFIG [KEY=VALUE ...]    train (or resume) a run; outputs go to `workdir`
     lmtrain check CONFIG [KEY=VALUE ...]    validate: resolved config, params, FLOPs, mesh, compiled memory
+    lmtrain eval WORKDIR [WORKDIR ...] [KEY=VALUE ...]    loss vs position, state norms, synthetic tasks
     lmtrain tokenizer train ...             train a SentencePiece model
 """
 
@@ -67,6 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmtrain.data import tokenizer_cli
+    from lmtrain.eval import cli as eval_cli
 
     parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and report size, FLOPs, mesh and memory")
     _add_config_args(check)
     check.set_defaults(func=cmd_check)
+    eval_cli.add_parser(sub)
     tokenizer_cli.add_parser(sub)
     return parser
 
