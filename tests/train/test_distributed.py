@@ -4,6 +4,8 @@ processes on localhost, checked against a single-process run on the same global 
 import json
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +89,27 @@ def test_cli_reports_partial_env(monkeypatch, capsys):
     assert "lmtrain: error:" in err and "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not" in err
 
 
+# --------------------------------------------------------------------------- per-process data state
+
+def test_data_state_per_process_and_other_process_count(tmp_path, monkeypatch, caplog):
+    from lmtrain.train import checkpoint as ckpt_lib
+    from lmtrain.train.checkpoint import CheckpointConfig, Checkpointer
+
+    state = {"w": jax.numpy.arange(3.0)}
+    with Checkpointer(tmp_path, CheckpointConfig(async_save=False)) as ck:
+        assert ck.maybe_save(1, state, {"position": 1}, force=True)
+        assert [p.name for p in (tmp_path / "1/data").glob("process_*")] == ["process_0-of-1.json"]
+        assert ck.restore_latest(state)[2] == {"position": 1}
+        # As if written by 2 processes: the state restores, the data iterator starts again.
+        monkeypatch.setattr(ckpt_lib, "_process_file", lambda: "process_1-of-2.json")
+        assert ck.maybe_save(2, state, {"position": 2}, force=True)
+        monkeypatch.undo()
+        assert ckpt_lib._process_file() == "process_0-of-1.json"
+        step, restored, data_state = ck.restore_latest(state)
+    assert (step, data_state) == (2, None) and "different number of processes" in caplog.text
+    np.testing.assert_array_equal(restored["w"], state["w"])
+
+
 # --------------------------------------------------------------------------- two processes end to end
 
 TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "data.seq_len=32",
@@ -101,39 +124,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Processes:
-    """`lmtrain train` as `count` processes on localhost (what launch/local_multiprocess.sh does)."""
+class LocalRun:
+    """`launch/local_multiprocess.sh` running `lmtrain train` as `count` CPU processes on localhost."""
 
     def __init__(self, workdir: Path, count: int, devices_per_process: int):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "XLA_FLAGS"))}
         # Less LLVM optimization: compiling dominates these few tiny steps (about half the time).
-        env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
-                   XLA_FLAGS="--xla_backend_optimization_level=0",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(count))
-        self.logs = [workdir.parent / f"process_{i}.log" for i in range(count)]
-        self.procs = []
-        for i, log in enumerate(self.logs):
-            with log.open("w") as out:  # files, not pipes: a full pipe would stall one process and so all
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "lmtrain.cli", "train", "configs/demo.yaml", *TINY, f"workdir={workdir}"],
-                    cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=subprocess.STDOUT))
+        env.update(NUM_PROCESSES=str(count), DEVICES_PER_PROCESS=str(devices_per_process), PYTHON=sys.executable,
+                   PORT=str(free_port()), XLA_FLAGS="--xla_backend_optimization_level=0")
+        self.log = workdir.parent / "processes.log"
+        with self.log.open("w") as out:  # a file, not a pipe: a full pipe would stall every process
+            self.proc = subprocess.Popen(
+                ["bash", str(REPO / "launch/local_multiprocess.sh"), "configs/demo.yaml", *TINY, f"workdir={workdir}"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the script and the processes it started
+            self.proc.wait()
 
-    def wait(self, timeout: float) -> list[str]:
-        """Waits for all; asserts they exited 0; returns their output."""
+    def wait(self, timeout: float) -> str:
+        """Waits for the script; asserts it exited 0; returns the output (lines prefixed `[i] `)."""
         try:
-            for p in self.procs:
-                p.wait(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         finally:
             self.kill()
-        texts = [log.read_text() for log in self.logs]
-        assert [p.returncode for p in self.procs] == [0] * len(self.procs), "\n\n".join(t[-3000:] for t in texts)
-        return texts
+        text = self.log.read_text()
+        assert self.proc.returncode == 0, text[-6000:]
+        return text
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -152,7 +170,7 @@ def test_two_processes_train_like_one(tmp_path):
     from lmtrain.train.step import Trainer
 
     workdir = tmp_path / "run"
-    processes = Processes(workdir, count=2, devices_per_process=1)
+    processes = LocalRun(workdir, count=2, devices_per_process=1)
     try:
         # The reference, computed while they run: one process, one device, the same global batches.
         cfg = load_config(str(REPO / "configs/demo.yaml"), TINY + [f"workdir={tmp_path / 'ref'}"])
@@ -167,9 +185,9 @@ def test_two_processes_train_like_one(tmp_path):
     except BaseException:
         processes.kill()
         raise
-    logs = processes.wait(timeout=400)
-    assert "process 1 of 2 (explicit): 1 local of 2 global cpu devices" in logs[1]
-    assert "fsdp=2" in logs[0]
+    log = processes.wait(timeout=400)
+    assert re.search(r"^\[1\] .*process 1 of 2 \(explicit\): 1 local of 2 global cpu devices", log, re.M), log
+    assert re.search(r"^\[0\] .*mesh data=1 fsdp=2 tensor=1 over 2 cpu devices", log, re.M), log
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), records
