@@ -114,6 +114,27 @@ def detect(environ: Mapping[str, str] | None = None,
     return Launch("single")
 
 
+def data_shard(batch_sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
+    """`(index, count)`: this process reads block `index` of `count` equal blocks of the global batch.
+
+    The blocks follow `batch_sharding` (the rows this process's devices hold), not the process
+    number: processes that hold the same rows, because the batch is not split over them (e.g.
+    tensor parallelism across hosts), get the same index and so read the same data, as
+    `jax.make_array_from_process_local_data` requires. With the batch split over every process,
+    this is `(jax.process_index(), jax.process_count())`.
+    """
+    spans = sorted({index[0].indices(global_batch)[:2] for device, index in
+                    batch_sharding.devices_indices_map((global_batch,)).items()
+                    if device.process_index == jax.process_index()})
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    contiguous = all(start <= prev_stop for (_, prev_stop), (start, _) in zip(spans, spans[1:]))
+    if not contiguous or global_batch % (hi - lo) or lo % (hi - lo):
+        raise ConfigError(f"process {jax.process_index()} holds batch rows {spans} of {global_batch}, not one "
+                          f"block of equal size; order the mesh so each process's devices are adjacent "
+                          f"along the batch axes")
+    return lo // (hi - lo), global_batch // (hi - lo)
+
+
 def initialize_from_env() -> None:
     """Initializes `jax.distributed` as the environment says (or not at all) and logs the topology."""
     launch = detect()
@@ -135,4 +156,4 @@ def initialize_from_env() -> None:
              jax.process_count(), launch.kind, len(local), len(devices), devices[0].platform)
 
 
-__all__ = ["DistributedEnvError", "EXPLICIT_VARS", "Launch", "detect", "initialize_from_env"]
+__all__ = ["DistributedEnvError", "EXPLICIT_VARS", "Launch", "data_shard", "detect", "initialize_from_env"]

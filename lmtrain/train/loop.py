@@ -23,6 +23,7 @@ from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_ite
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.models.flops import count_params, train_flops_per_token
 from lmtrain.train.checkpoint import Checkpointer, PreemptionGuard
+from lmtrain.train.distributed import data_shard
 from lmtrain.train.mesh import describe_mesh, make_mesh
 from lmtrain.train.metrics import MetricsWriter, device_peak_flops, mfu
 from lmtrain.train.optimizer import nonfinite_groups
@@ -74,8 +75,8 @@ def batch_axes_size(trainer: Trainer) -> int:
 def evaluate(trainer: Trainer, params: Any, cfg: Config) -> dict[str, float]:
     """Mean loss and perplexity over `cfg.eval.batches` held-out batches."""
     nll, tokens = 0.0, 0.0
-    batches = make_eval_iterator(cfg.data, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), num_batches=cfg.eval.batches)
+    index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)
+    batches = make_eval_iterator(cfg.data, process_index=index, process_count=count, num_batches=cfg.eval.batches)
     for batch in batches:
         out = trainer.eval_step(params, to_global_batch(batch, trainer.mesh, trainer.batch_sharding))
         nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["tokens"])
@@ -90,7 +91,8 @@ def train(cfg: Config) -> dict[str, Any]:
     trainer = Trainer(cfg, mesh)
     check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size)
     log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
-    data = make_train_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+    index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)  # the rows this process holds
+    data = make_train_iterator(cfg.data, process_index=index, process_count=count)
     ckpt = Checkpointer(cfg.checkpoint.path(workdir), cfg.checkpoint)
     restored = ckpt.restore_latest(trainer.abstract_state())
     if restored is None:

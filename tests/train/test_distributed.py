@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lmtrain.cli import main
+from lmtrain.configlib import ConfigError
 from lmtrain.train import distributed
 from lmtrain.train.distributed import DistributedEnvError, Launch, detect
 
@@ -87,6 +88,44 @@ def test_cli_reports_partial_env(monkeypatch, capsys):
     assert main(["check", str(REPO / "configs/demo.yaml")]) == 2
     err = capsys.readouterr().err
     assert "lmtrain: error:" in err and "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not" in err
+
+
+# --------------------------------------------------------------------------- which rows a process reads
+
+class FakeSharding:
+    """Rows held per (process, device), like `Sharding.devices_indices_map` reports them."""
+
+    def __init__(self, rows_by_process: dict[int, list[tuple[int, int]]]):
+        self.rows = rows_by_process
+
+    def devices_indices_map(self, shape):
+        class Device:
+            def __init__(self, process_index):
+                self.process_index = process_index
+        return {Device(p): (slice(lo, hi),) for p, spans in self.rows.items() for lo, hi in spans}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ({0: [(0, 2), (2, 4)], 1: [(4, 6), (6, 8)]}, {0: (0, 2), 1: (1, 2)}),      # batch split over processes
+    ({0: [(0, 8)], 1: [(0, 8)]}, {0: (0, 1), 1: (0, 1)}),                      # tensor parallel across them
+    ({0: [(0, 4)], 1: [(0, 4)], 2: [(4, 8)], 3: [(4, 8)]}, {1: (0, 2), 2: (1, 2)}),  # pairs of replicas
+])
+def test_data_shard_follows_the_batch_sharding(monkeypatch, rows, expected):
+    for process, shard in expected.items():
+        monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+        assert distributed.data_shard(FakeSharding(rows), 8) == shard
+
+
+def test_data_shard_refuses_scattered_rows(monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(ConfigError, match="not one block"):
+        distributed.data_shard(FakeSharding({0: [(0, 2), (4, 6)], 1: [(2, 4), (6, 8)]}), 8)
+
+
+def test_data_shard_single_process():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("fsdp",)), PartitionSpec("fsdp"))
+    assert distributed.data_shard(sharding, 4 * len(jax.devices())) == (0, 1)
 
 
 # --------------------------------------------------------------------------- per-process data state
