@@ -8,8 +8,7 @@ from flax import nnx
 
 from lmtrain.configlib import ConfigError, from_dict
 from lmtrain.models import LanguageModel, ModelConfig
-from lmtrain.train.interventions import (InterventionConfig, fitted_moments, init_stats, initial_state,
-                                         update_stats)
+from lmtrain.train.interventions import InterventionConfig, fitted_moments, init_stats, initial_state, update_stats
 
 CFG = ModelConfig(vocab_size=50, width=16, num_layers=4, pattern="RRA", num_heads=2, window=4, lru_width=32)
 B = 512
