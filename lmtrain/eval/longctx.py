@@ -12,6 +12,8 @@ call), so only one chunk's activations are ever alive: memory is O(batch x chunk
 length. Recorded: the NLL of every token, mean NLL in position buckets ([0,T), [T,2T), [2T,4T), ...
 with T the run's `data.seq_len`), a log-spaced loss curve for the plot, and the L2 norm of every
 recurrent layer's state h at each chunk end (state collapse or explosion beyond T shows here).
+The same tokens are also scored with the state restarted every T tokens (`loss_restart`): the
+difference is the effect of the context beyond T, free of which text sits at which position.
 """
 
 from __future__ import annotations
@@ -175,23 +177,47 @@ def heldout_rows(cfg: Config, length: int, sequences: int) -> dict[str, np.ndarr
     return batch
 
 
-def evaluate_longctx(cfg: Config, runner: ChunkRunner, length: int, sequences: int = 4, batch: int = 4,
-                     bucket_multiples: Sequence[float] | None = None) -> dict[str, Any]:
-    """Loss vs position and state norms on `sequences` held-out rows of `length` tokens (see module doc)."""
-    check_chunking(length, runner.chunk)
-    rows = heldout_rows(cfg, length, sequences)
-    nll = np.zeros((sequences, length), np.float32)
-    norms = []
-    for lo in range(0, sequences, batch):
-        hi = min(lo + batch, sequences)
-        pad = batch - (hi - lo)  # keep one batch shape (one compile): repeat the last row, dropped below
+def _run_rows(runner: ChunkRunner, inputs_NxL: np.ndarray, targets_NxL: np.ndarray,
+              batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(nll_NxL, state_norm_KxRxN) over all rows, `batch` at a time (one compiled shape)."""
+    n = len(inputs_NxL)
+    nll, norms = np.zeros(inputs_NxL.shape, np.float32), []
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        pad = batch - (hi - lo)  # repeat the last row to keep the batch shape; dropped below
         take = lambda x, lo=lo, hi=hi, pad=pad: np.concatenate([x[lo:hi]] + [x[hi - 1:hi]] * pad)
-        out = runner.run(take(rows["inputs"]), take(rows["targets"]))
+        out = runner.run(take(inputs_NxL), take(targets_NxL))
         nll[lo:hi] = out.nll_BxL[:hi - lo]
         norms.append(out.state_norm_KxRxB[:, :, :hi - lo])
-    mask = rows["loss_mask"].astype(bool)
-    norm_KxRxN = np.concatenate(norms, axis=2)
+    return nll, np.concatenate(norms, axis=2)
+
+
+def evaluate_longctx(cfg: Config, runner: ChunkRunner, length: int, sequences: int = 4, batch: int = 4,
+                     bucket_multiples: Sequence[float] | None = None, restart: bool = True) -> dict[str, Any]:
+    """Loss vs position and state norms on `sequences` held-out rows of `length` tokens (see module doc).
+
+    With `restart`, the same tokens are also scored with the state restarted every T tokens (each
+    T-window a fresh context, as in training): `loss_restart` per bucket. The difference isolates
+    the effect of the context beyond T from the text that happens to sit at those positions.
+    """
+    check_chunking(length, runner.chunk)
     t = cfg.data.seq_len
+    rows = heldout_rows(cfg, length, sequences)
+    mask = rows["loss_mask"].astype(bool)
+    nll, norm_KxRxN = _run_rows(runner, rows["inputs"], rows["targets"], batch)
+    edges = bucket_edges(t, length, bucket_multiples)
+    buckets, curve = bucket_means(nll, mask, edges), bucket_means(nll, mask, log_bins(length))
+    restart_note = None
+    if restart and length % t == 0 and t % runner.chunk == 0:
+        windows = lambda x: x.reshape(-1, t)
+        nll_restart = _run_rows(runner, windows(rows["inputs"]), windows(rows["targets"]), batch)[0]
+        nll_restart = nll_restart.reshape(nll.shape)
+        for out, edges_ in ((buckets, edges), (curve, log_bins(length))):
+            for b, r in zip(out, bucket_means(nll_restart, mask, edges_)):
+                b["loss_restart"] = r["loss"]
+    elif restart:
+        restart_note = (f"not computed: needs the length to be a multiple of T={t} and T a multiple of the "
+                        f"chunk {runner.chunk}")
     counted = mask.sum()
     ends = [runner.chunk * (k + 1) for k in range(length // runner.chunk)]
     at_t = next((k for k, e in enumerate(ends) if e >= t), len(ends) - 1)
@@ -200,11 +226,13 @@ def evaluate_longctx(cfg: Config, runner: ChunkRunner, length: int, sequences: i
         mean_K = norm_KxRxN[:, r, :].mean(axis=1)
         layers[name] = {"mean": mean_K.tolist(), "max": norm_KxRxN[:, r, :].max(axis=1).tolist(),
                         "end_over_train_length": float(mean_K[-1] / max(mean_K[at_t], 1e-30))}
-    return {
+    result = {
         "train_length": t, "length": length, "chunk": runner.chunk, "sequences": sequences,
         "tokens": int(counted), "complete_sequences": int(mask.all(axis=1).sum()),
         "mean_loss": float((nll * mask).sum() / max(counted, 1)),
-        "buckets": bucket_means(nll, mask, bucket_edges(t, length, bucket_multiples)),
-        "curve": bucket_means(nll, mask, log_bins(length)),
+        "buckets": buckets, "curve": curve,
         "state_norms": {"positions": ends, "norm_at": ends[at_t], "layers": layers},
     }
+    if restart_note:
+        result["restart"] = restart_note
+    return result

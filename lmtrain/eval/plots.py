@@ -18,14 +18,20 @@ def plot_longctx(entries: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Loss vs position (log-x) and recurrent-state norm vs position, one colour per run.
 
     Each entry is `{"name": str, "longctx": evaluate_longctx(...) result}`. The dotted vertical
-    line in the run's colour marks its training length.
+    line in the run's colour marks its training length; the thin dashed curve is the same tokens
+    scored with the state restarted every T tokens, where computed.
     """
     fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, entry in enumerate(entries):
         res, color = entry["longctx"], colors[i % len(colors)]
-        points = [(0.5 * (b["start"] + b["end"] - 1) + 1, b["loss"]) for b in res["curve"] if b["loss"] is not None]
-        ax_loss.plot(*zip(*points), color=color, marker=".", label=entry["name"])
+        bins = [b for b in res["curve"] if b["loss"] is not None]
+        x = [0.5 * (b["start"] + b["end"] - 1) + 1 for b in bins]  # 1-based bin centres
+        ax_loss.plot(x, [b["loss"] for b in bins], color=color, marker=".", label=entry["name"])
+        restart = [(xi, b["loss_restart"]) for xi, b in zip(x, bins) if b.get("loss_restart") is not None]
+        if restart:
+            ax_loss.plot(*zip(*restart), color=color, linestyle="--", linewidth=0.8, alpha=0.7,
+                         label=f"{entry['name']}: state restarted every T")
         ax_loss.axvline(res["train_length"], color=color, linestyle=":", alpha=0.7)
         norms = res["state_norms"]
         for j, (layer, values) in enumerate(norms["layers"].items()):

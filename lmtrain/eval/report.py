@@ -53,6 +53,8 @@ class EvalOptions:
                                                          "or increasing multiples of T, e.g. 1,8,64 for "
                                                          "[0,T), [T,8T), [8T,64T).")
     longctx: bool = field(True, "Run the loss-vs-position evaluation.")
+    restart: bool = field(True, "Also score the same tokens with the state restarted every T tokens (the "
+                                "baseline that isolates the effect of context beyond T; doubles the cost).")
     tasks: str | tuple[str, ...] = field(ALL_TASKS, "Synthetic tasks to score, comma-separated, or none.")
     task_lengths: str | tuple[int | str, ...] = field("1x,8x,32x", "Context lengths of the tasks: tokens or "
                                                                     "multiples of T.")
@@ -230,7 +232,7 @@ def evaluate_plan(p: Plan, opts: EvalOptions) -> dict[str, Any]:
         log.info("eval %s: loss vs position over %d x %d tokens in chunks of %d", p.name, opts.sequences,
                  p.length, p.chunk)
         result["longctx"] = evaluate_longctx(cfg, runner, p.length, opts.sequences, opts.batch,
-                                             bucket_multiples(opts))
+                                             bucket_multiples(opts), opts.restart)
         _write_json(out_dir / f"longctx{p.suffix}.json", {**head, **result["longctx"]})
         plot_longctx([result], out_dir / f"longctx{p.suffix}.png")
     if tasks:
@@ -292,8 +294,8 @@ def _mult(tokens: int, t: int) -> str:
     return "0" if tokens == 0 else f"{m:g}T"
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
+    return "—" if x is None else f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
 def markdown_report(results: Sequence[dict[str, Any]]) -> str:
@@ -316,6 +318,17 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
             cells = [_fmt(by_label.get(label)) for label in labels]
             lines.append(f"| {r['name']} | {r['step']} | {t} | {res['tokens']} | {_fmt(res['mean_loss'])} | "
                          + " | ".join(cells) + " |")
+        with_restart = [r for r in with_loss if "loss_restart" in r["longctx"]["buckets"][0]]
+        if with_restart:
+            lines += ["", "### Context beyond T: loss minus the same tokens' loss with the state restarted every T "
+                      "(negative: the longer context helps)", "",
+                      "| run | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+            for r in with_restart:
+                t = r["train_length"]
+                delta = {f"[{_mult(b['start'], t)}, {_mult(b['end'], t)})":
+                         None if b["loss"] is None else b["loss"] - b["loss_restart"] for b in r["longctx"]["buckets"]}
+                lines.append(f"| {r['name']} | " + " | ".join(_fmt(delta.get(label), signed=True)
+                                                             for label in labels) + " |")
         lines += ["", "### Recurrent state norm |h| (mean over sequences)", "",
                   "| run | layer | at T | at end | end / T |", "|---|---|---:|---:|---:|"]
         for r in with_loss:

@@ -4,11 +4,13 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from lmtrain.cli import main
 from lmtrain.configlib import ConfigError
 from lmtrain.eval.load import RunError, load_run
+from lmtrain.eval.longctx import ChunkRunner, heldout_rows
 from lmtrain.eval.report import parse_options, plan
 
 FAST = ["length=4x", "sequences=2", "batch=2", "task_lengths=1x,4x", "samples=2"]
@@ -60,11 +62,23 @@ def test_cli_single_run_writes_json_png_and_table(tiny_run, capsys):
     assert main(["eval", str(tiny_run), *FAST, "buckets=1,2", "mqar.num_pairs=4"]) == 0
     out = capsys.readouterr().out
     assert "| run | step | T | tokens | all | [0, 1T) | [1T, 2T) | [2T, 4T) |" in out
+    assert "### Context beyond T" in out
     assert "| griffin | mqar |" in out and "— (needs at least" in out  # passkey does not fit in 32 tokens
     longctx = json.loads((tiny_run / "eval" / "longctx.json").read_text())
     assert longctx["step"] == 2 and longctx["length"] == 128 and longctx["chunk"] == 32
     assert [(b["start"], b["end"]) for b in longctx["buckets"]] == [(0, 32), (32, 64), (64, 128)]
     assert all(b["tokens"] == 2 * (b["end"] - b["start"]) for b in longctx["buckets"])
+    first = longctx["buckets"][0]
+    assert first["loss_restart"] == pytest.approx(first["loss"], abs=1e-6)  # [0, T) has no context beyond T
+    # the restart baseline, recomputed: every T-window of the same held-out rows as its own sequence
+    cfg, model, _ = load_run(tiny_run)
+    rows = heldout_rows(cfg, 128, 2)
+    windows = {k: rows[k].reshape(-1, 2, 32) for k in ("inputs", "targets")}
+    runner = ChunkRunner(model, 32)
+    nll = np.stack([runner.run(x, y).nll_BxL for x, y in zip(windows["inputs"], windows["targets"])])
+    nll = nll.reshape(2, 128)
+    for b in longctx["buckets"]:
+        assert b["loss_restart"] == pytest.approx(nll[:, b["start"]:b["end"]].mean(), rel=1e-5)
     norms = longctx["state_norms"]
     assert norms["positions"] == [32, 64, 96, 128]
     assert list(norms["layers"]) == ["layer 0 (R)", "layer 1 (R)", "layer 3 (R)"]
