@@ -222,6 +222,11 @@ def evaluate_plan(p: Plan, opts: EvalOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg, model, step = load_run(p.workdir, p.step, ema=opts.ema)
     runner = ChunkRunner(model, p.chunk)
+    longest = max([p.length] * opts.longctx + p.task_lengths * bool(opts.task_names), default=0)
+    if "G" in cfg.model.pattern and longest > cfg.model.max_len:
+        log.warning("%s: sequences of %d tokens exceed model.max_len=%d: its global-attention (G) layers see "
+                    "only the last %d tokens there (a sliding window)", p.name, longest, cfg.model.max_len,
+                    cfg.model.max_len)
     tasks = build_tasks(opts, cfg)
     out_dir = p.workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
