@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from lmtrain.cli import main
@@ -19,14 +20,30 @@ SCRIPT = Path(sys.executable).parent / "lmtrain"
 LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain.cli"]
 # The tiny model of tests/train/test_step.py (same shapes and optimizer: compiled steps are shared).
 TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
-        "data.seq_len=32", "data.global_batch_size=4", "schedule.kind=constant", "schedule.warmup_steps=4",
-        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+        "data.seq_len=32", "data.global_batch_size=8", "schedule.kind=constant", "schedule.warmup_steps=4",
+        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "optimizer.ema_decay=0.9",
+        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this session's trainer tests (same tiny model)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    values = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_cache"),
+              "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in values}
+    for name, value in values.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield values["jax_compilation_cache_dir"]
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def env(compilation_cache):
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def lmtrain(env, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -48,7 +65,7 @@ def test_train_end_to_end(env, tmp_path):
     for record in train:
         for key in ("loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "step_time_s"):
             assert isinstance(record[key], float) and math.isfinite(record[key]), (key, record)
-        assert 0 < record["mfu"] < 1 and record["tokens_per_sec"] > 0 and record["tokens"] == 4 * 32
+        assert 0 < record["mfu"] < 1 and record["tokens_per_sec"] > 0 and record["tokens"] == 8 * 32
         assert 0 < record["loss"] < 2 * math.log(260)
     assert all(r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"])) for r in evals)
 
@@ -61,10 +78,10 @@ def test_train_end_to_end(env, tmp_path):
     assert (ckpts / "6" / "state").is_dir() and (ckpts / "6" / "data").is_dir()
 
 
-def test_check_reports_size_flops_mesh_memory(env):
-    proc = lmtrain(env, "check", "configs/demo.yaml", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+def test_check_reports_size_flops_mesh_memory(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["check", "configs/demo.yaml", *TINY]) == 0
+    out = capsys.readouterr().out
     cfg = load_config(ROOT / "configs/demo.yaml", TINY)
     assert f"parameters: {count_params(cfg.model):,}\n" in out
     assert re.search(r"training FLOPs per token: [\d.e+]+ \([\d.e+]+ per step\)", out)

@@ -114,7 +114,10 @@ class Trainer:
             if accum == 1:
                 (total, (nll, count)), grads = grad_fn(state.params, batch)
             else:  # sequential microbatches, gradients summed then normalised by the token count
-                micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+                # Microbatch i takes rows i, i + accum, ...: every device keeps an equal share of each
+                # microbatch in place (contiguous chunks would sit on a subset of the data-parallel
+                # devices and be resharded every iteration).
+                micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
                 def body(carry, mb):
                     (t, (n, c)), g = grad_fn(state.params, mb)

@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # updates are ~ g / (|g| + eps): eps=1e-6 keeps float reduction-order noise in tiny gradients from
 # being amplified by lr/eps beyond the 1e-5 tolerance of the equivalence tests.
 TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
-        "data.seq_len=32", "data.global_batch_size=4", "schedule.kind=constant", "schedule.warmup_steps=4",
-        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+        "data.seq_len=32", "data.global_batch_size=8", "schedule.kind=constant", "schedule.warmup_steps=4",
+        "optimizer.lr=3e-3", "optimizer.eps=1e-6", "optimizer.ema_decay=0.9",
+        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,7 @@ def make_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str,
     out["inputs"] = rng.integers(0, vocab, (batch, seq_len), dtype=np.int32)
     out["targets"] = rng.integers(0, vocab, (batch, seq_len), dtype=np.int32)
     for b in range(batch):
-        real = seq_len - (b * 5) % (seq_len // 2)
+        real = seq_len - (7 * b) % 11
         cuts = sorted(rng.choice(np.arange(1, real), size=b % 3, replace=False).tolist())
         for seg, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, real]), start=1):
             out["segment_ids"][b, lo:hi] = seg
@@ -98,7 +98,9 @@ def two_batches(trainer) -> list[dict[str, np.ndarray]]:
 def test_grad_accum_equals_full_batch(trainers):
     by_accum, init = trainers
     batches = two_batches(by_accum[1])
-    assert all(b["loss_mask"][:2].sum() != b["loss_mask"][2:].sum() for b in batches)  # uneven microbatches
+    for b in batches:  # microbatches of different token counts (however the rows are split)
+        assert b["loss_mask"][0::2].sum() != b["loss_mask"][1::2].sum()
+        assert b["loss_mask"][:4].sum() != b["loss_mask"][4:].sum()
     s1, m1 = run(by_accum[1], init, batches)
     s2, m2 = run(by_accum[2], init, batches)
     for a, b, batch in zip(m1, m2, batches):
@@ -108,7 +110,19 @@ def test_grad_accum_equals_full_batch(trainers):
     assert max_diff(init.params, s1.params) > 1e-4  # the second step (lr > 0 after warmup step 0) moved them
     assert max_diff(s1.params, s2.params) < 1e-5
     assert max_diff(s1.opt_state, s2.opt_state) < 1e-6  # Adam moments: the gradients themselves
+    assert max_diff(s1.ema, s2.ema) < 1e-5
     assert int(s1.step) == int(s2.step) == 2
+
+
+def test_ema_follows_params(trainers):
+    by_accum, init = trainers
+    trainer = by_accum[1]
+    one, _ = run(trainer, init, two_batches(trainer)[:1])
+    two, _ = run(trainer, one, two_batches(trainer)[1:])
+    d = trainer.cfg.optimizer.ema_decay
+    expected = jax.tree.map(lambda p0, p1, p2: d * (d * p0 + (1 - d) * p1) + (1 - d) * p2,
+                            init.params, one.params, two.params)
+    assert max_diff(two.ema, expected) < 1e-6 and max_diff(two.ema, two.params) > 1e-5
 
 
 def test_nonfinite_step_is_skipped(trainers):
@@ -123,7 +137,8 @@ def test_nonfinite_step_is_skipped(trainers):
     assert not metrics["finite"] and not np.isfinite(metrics["loss"])
     assert int(new.skipped) == 3 and int(new.step) == 1  # counted; the schedule moves on
     np.testing.assert_array_equal(new.params["groups"][0]["mlp"]["up"]["kernel"], up)  # no update anywhere
-    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((bad.params, bad.opt_state))):
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state, new.ema)),
+                    jax.tree.leaves((bad.params, bad.opt_state, bad.ema)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.isfinite(metrics["group_norms"]["groups/0/mlp"])
     good, (metrics,) = run(trainer, init._replace(skipped=np.int32(2)), [batch])
@@ -133,7 +148,7 @@ def test_nonfinite_step_is_skipped(trainers):
 # --------------------------------------------------------------------------- sharded == single device
 
 SHARDED = textwrap.dedent("""
-    import json, pickle, sys
+    import json, pickle, re, sys
     import jax, optax
     from lmtrain.config import load_config
     from lmtrain.train.mesh import make_mesh
@@ -141,33 +156,41 @@ SHARDED = textwrap.dedent("""
 
     overrides, path = json.loads(sys.argv[1]), sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
-    cfg = load_config("configs/demo.yaml", overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    trainer = Trainer(cfg, make_mesh(cfg.mesh))
     with open(path, "rb") as f:
         init, batches = pickle.load(f)
-    state, losses = jax.device_put(init, trainer.state_sharding), []
-    for batch in batches:
-        state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
-        losses.append(float(metrics["loss"]))
+    results, report = {}, {}
+    for accum in (1, 2):
+        cfg = load_config("configs/demo.yaml", overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                                            f"train.grad_accum={accum}"])
+        trainer = Trainer(cfg, make_mesh(cfg.mesh))
+        state, losses = jax.device_put(init, trainer.state_sharding), []
+        hlo = trainer._train_step.lower(state, jax.device_put(batches[0], trainer.batch_sharding)).compile().as_text()
+        for batch in batches:
+            state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
+            losses.append(float(metrics["loss"]))
+        results[accum] = (jax.device_get(state), losses)
+        report[f"permutes{accum}"] = len(re.findall(r" collective-permute\\(", hlo))
     mu = optax.tree_utils.tree_get(state.opt_state, "mu")  # Adam first moments
     arrays = {"up": state.params["groups"][0]["mlp"]["up"]["kernel"],
               "down": state.params["groups"][0]["mlp"]["down"]["kernel"],
               "q": state.params["groups"][2]["mixer"]["q"]["kernel"],
               "embedding": state.params["embedder"]["embedding"],
               "norm": state.params["final_norm"]["scale"],
-              "mu_up": mu["groups"][0]["mlp"]["up"]["kernel"]}
+              "mu_up": mu["groups"][0]["mlp"]["up"]["kernel"],
+              "ema_up": state.ema["groups"][0]["mlp"]["up"]["kernel"]}
     with open(path, "wb") as f:
-        pickle.dump((jax.device_get(state), losses), f)
-    print("RESULT" + json.dumps({
-        "specs": {k: [list(e) if isinstance(e, tuple) else e for e in v.sharding.spec] for k, v in arrays.items()},
-        "shards": {k: list(v.addressable_shards[0].data.shape) for k, v in arrays.items()},
-        "devices": {k: len(v.sharding.device_set) for k, v in arrays.items()}}))
+        pickle.dump(results, f)
+    report["specs"] = {k: [list(e) if isinstance(e, tuple) else e for e in v.sharding.spec] for k, v in arrays.items()}
+    report["shards"] = {k: list(v.addressable_shards[0].data.shape) for k, v in arrays.items()}
+    report["devices"] = {k: len(v.sharding.device_set) for k, v in arrays.items()}
+    print("RESULT" + json.dumps(report))
 """)
 
 
 def test_sharded_step_equals_single_device(trainers, tmp_path):
-    """Two steps on mesh data=2 x fsdp=2 x tensor=2 (8 simulated CPU devices, in a subprocess) give the
-    single-device losses, parameters and optimizer state, with parameters sharded as the rules say."""
+    """Two steps on mesh data=2 x fsdp=2 x tensor=2 (8 simulated CPU devices, in a subprocess), without and
+    with gradient accumulation, give the single-device losses, parameters, optimizer state and EMA, with
+    parameters sharded as the rules say."""
     by_accum, init = trainers
     batches = two_batches(by_accum[1])
     single, metrics = run(by_accum[1], init, batches)
@@ -178,28 +201,32 @@ def test_sharded_step_equals_single_device(trainers, tmp_path):
                JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(TINY), str(path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    sharded, losses = pickle.loads(path.read_bytes())
-    np.testing.assert_allclose(losses, [float(m["loss"]) for m in metrics], rtol=0, atol=1e-5)
     assert max_diff(init.params, single.params) > 1e-4
-    assert max_diff(single.params, sharded.params) < 1e-5
-    assert max_diff(single.opt_state, sharded.opt_state) < 1e-6
+    for accum, (sharded, losses) in pickle.loads(path.read_bytes()).items():
+        np.testing.assert_allclose(losses, [float(m["loss"]) for m in metrics], rtol=0, atol=1e-5)
+        assert max_diff(single.params, sharded.params) < 1e-5, accum
+        assert max_diff(single.ema, sharded.ema) < 1e-5, accum
+        assert max_diff(single.opt_state, sharded.opt_state) < 1e-6, accum
     # embed -> fsdp; mlp, heads, vocab -> tensor; the scanned `layers` axis is not split.
     assert out["specs"] == {"up": [None, "fsdp", "tensor"], "down": [None, "tensor", "fsdp"],
                             "q": [None, "fsdp", "tensor"], "embedding": ["tensor", "fsdp"], "norm": ["fsdp"],
-                            "mu_up": [None, "fsdp", "tensor"]}
+                            "mu_up": [None, "fsdp", "tensor"], "ema_up": [None, "fsdp", "tensor"]}
     assert out["shards"]["up"] == [1, 16, 48] and out["shards"]["embedding"] == [130, 16]
     assert out["devices"] == dict.fromkeys(out["specs"], 8)
+    # Microbatches stay where their rows are: accumulation adds no batch resharding between devices.
+    assert out["permutes2"] <= out["permutes1"], out
+
+
 
 
 def test_cross_entropy_masks_and_z_loss():
-    logits = jnp.array([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
-    targets = jnp.array([[2, 0, 1]])
-    mask = jnp.array([[1, 0, 1]])
-    log_z = jax.nn.logsumexp(logits, axis=-1)[0]
-    nll = log_z - jnp.array([2.0, 3.0, 1.0])
-    total, nll_sum = cross_entropy(logits, targets, mask, z_loss=0.5)
+    logits = np.array([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [1.0, 1.0, 1.0]]], np.float32)
+    targets, mask = np.array([[2, 0, 1]]), np.array([[1, 0, 1]])
+    log_z = np.log(np.exp(logits[0]).sum(-1))
+    nll = log_z - np.array([2.0, 3.0, 1.0])
+    total, nll_sum = jax.jit(cross_entropy)(logits, targets, mask, 0.5)
     np.testing.assert_allclose(nll_sum, nll[0] + nll[2], rtol=1e-6)
     np.testing.assert_allclose(total, nll[0] + nll[2] + 0.5 * (log_z[0] ** 2 + log_z[2] ** 2), rtol=1e-6)
