@@ -50,7 +50,7 @@ def lmtrain(env, *args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([*LMTRAIN, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_end_to_end(env, tmp_path):
+def test_train_end_to_end(env, tmp_path, capsys, monkeypatch):
     overrides = [*TINY, "train.steps=6", "log.every_steps=2", "log.tensorboard=true", "log.progress=false",
                  "checkpoint.every_steps=3", "eval.every_steps=3", "eval.batches=1", f"workdir={tmp_path}"]
     proc = lmtrain(env, "train", "configs/demo.yaml", *overrides)
@@ -76,6 +76,14 @@ def test_train_end_to_end(env, tmp_path):
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["3", "6"]
     assert (ckpts / "6" / "state").is_dir() and (ckpts / "6" / "data").is_dir()
+
+    # The same command again: the run is complete, so it resumes at step 6 and does nothing.
+    before = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "configs/demo.yaml", *overrides]) == 0
+    assert "done: step 6 " in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == before and not list(tmp_path.glob("config.prev-*"))
 
 
 def test_check_reports_size_flops_mesh_memory(capsys, monkeypatch):

@@ -121,7 +121,7 @@ def test_corrupt_checkpoint_falls_back_and_is_kept(straight, tmp_path, caplog):
 def test_sigterm_saves_and_resumes(tmp_path, caplog, compilation_cache):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "lmtrain.cli", "train", "configs/demo.yaml", *BASE, "train.steps=100000",
-           f"workdir={tmp_path}"]
+           "checkpoint.async_save=true", f"workdir={tmp_path}"]  # the final save must finish before exit
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
         try:
