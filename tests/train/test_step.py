@@ -1,5 +1,5 @@
 """Train step: sharded (data x fsdp x tensor on 8 CPU devices) == single device, gradient accumulation
-== one big batch, non-finite steps are skipped, and the loss function's masking and z-loss."""
+== one big batch, the EMA, skipped non-finite steps, and the loss function's masking and z-loss."""
 
 import json
 import os
