@@ -20,9 +20,11 @@ Two behaviours differ and are bridged here (see docs/performance.md and tests/ex
   `load_recurrentgemma` sets `model.embedder.scale` to that rounded value (`match_embed_scale`);
   a model built afresh from the config uses the exact sqrt again.
 - Document starts: recurrentgemma resets the RG-LRU (a = 0, input multiplier 1) wherever
-  segment_pos == 0, *including the first token*. Our model called with state=None treats the first
-  token as continuing a zero state (multiplier sqrt(1 - a^2), not 1), so `inputs_from_segment_pos`
-  passes a fresh state whose last segment id differs from the first token's.
+  segment_pos == 0, *including the first token*, and uses segment_pos as the RoPE position.
+  `inputs_from_segment_pos` turns segment_pos into our segment_ids, positions and a fresh state
+  whose last segment id makes token 0 a document start exactly when its segment_pos is 0, whatever
+  the model's convention for `state=None`. (At commit c001aca, state=None made token 0 continue a
+  zero state: multiplier sqrt(1 - a^2) instead of 1, which moved logits by up to 5% of their range.)
 """
 
 from __future__ import annotations
