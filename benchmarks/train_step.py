@@ -3,6 +3,8 @@
     python benchmarks/train_step.py                                    # both parts, defaults below
     python benchmarks/train_step.py --parts throughput --configs demo  # one config only
     python benchmarks/train_step.py --parts scaling --devices 1,2,4 --meshes fsdp --steps 3  # quick
+    python benchmarks/train_step.py --parts throughput --configs griffin_400m,griffin_1b \
+        --overrides data.seq_len=8192 data.global_batch_size=8      # on an accelerator
 
 Part 1 (throughput): `lmtrain.train.step.Trainer(cfg, mesh).train_step` (forward + backward +
 optimizer update, the state donated) for each config with the overrides printed next to it. The
@@ -155,7 +157,8 @@ def worker_main(spec_json: str) -> None:
 def throughput(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.configs:
-        overrides = list(args.griffin_overrides if name == "griffin_100m" else args.demo_overrides)
+        overrides = list({"demo": args.demo_overrides, "griffin_100m": args.griffin_overrides}.get(name, []))
+        overrides += args.overrides
         print(f"\n[throughput] {CONFIGS[name]} overrides: {' '.join(overrides) or '(none)'}", flush=True)
         steps = args.griffin_steps if name == "griffin_100m" else args.steps
         r = measure(CONFIGS[name], overrides, steps, args.warmup)
@@ -217,10 +220,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="throughput,scaling", help="comma list of: throughput, scaling")
-    p.add_argument("--configs", default="demo,griffin_100m", help=f"throughput configs, from {list(CONFIGS)}")
+    p.add_argument("--configs", default="demo,griffin_100m",
+                   help="throughput configs: names of configs/NAME.yaml or paths")
     p.add_argument("--demo-overrides", nargs="*", default=[], help="KEY=VALUE overrides for demo")
     p.add_argument("--griffin-overrides", nargs="*", default=list(GRIFFIN_CPU_OVERRIDES),
                    help="KEY=VALUE overrides for griffin_100m (default: %(default)s)")
+    p.add_argument("--overrides", nargs="*", default=[], help="KEY=VALUE overrides for every throughput config")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--griffin-steps", type=int, default=5, help="timed steps for griffin_100m")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
@@ -241,7 +246,9 @@ def main() -> None:
     args.meshes = [x for x in args.meshes.split(",") if x]
     for name in args.configs:
         if name not in CONFIGS:
-            p.error(f"unknown config {name!r}; choose from {list(CONFIGS)}")
+            CONFIGS[name] = name if Path(name).suffix in (".yaml", ".yml") else f"configs/{name}.yaml"
+        if not (REPO / CONFIGS[name]).is_file():
+            p.error(f"config {name!r}: {REPO / CONFIGS[name]} does not exist")
     if not set(args.parts) <= {"throughput", "scaling"} or not set(args.meshes) <= {"fsdp", "data"}:
         p.error("--parts takes throughput,scaling; --meshes takes fsdp,data")
 
