@@ -55,7 +55,8 @@ def prepare_workdir(cfg: Config) -> Path:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lmtrain_prepare_workdir")
     if jax.process_index() == 0:
-        if old is not None and old != new:
+        moved_only = old is not None and {**old, "workdir": new["workdir"]} == new  # a moved run dir
+        if old is not None and old != new and not moved_only:
             n = 1
             while (workdir / f"config.prev-{n}.yaml").exists():
                 n += 1

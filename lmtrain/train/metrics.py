@@ -190,7 +190,7 @@ class MetricsWriter:
 
     @staticmethod
     def _postfix(flat: Mapping[str, Any]) -> str:
-        shown = (("loss", "loss={:.4f}", 1), ("tokens_per_s", "tok/s={:,.0f}", 1),
+        shown = (("loss", "loss={:.4f}", 1), ("tokens_per_sec", "tok/s={:,.0f}", 1),
                  ("mfu", "mfu={:.1f}%", 100))
         return " ".join(fmt.format(scale * flat[key]) for key, fmt, scale in shown
                         if isinstance(flat.get(key), (int, float)))

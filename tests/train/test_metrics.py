@@ -20,7 +20,7 @@ def test_jsonl_records_are_valid_json_with_fields(tmp_path):
         assert logged == [2, 4, 5]
         for step in logged:
             writer.advance(step)
-            writer.write(step, {"loss": jnp.float32(3.0 / step), "lr": 1e-3, "tokens_per_s": 1234.5,
+            writer.write(step, {"loss": jnp.float32(3.0 / step), "lr": 1e-3, "tokens_per_sec": 1234.5,
                                 "mfu": 0.42, "grad_norm": {"embed": jnp.float32(0.5), "blocks": 1.5},
                                 "seq_len": jnp.int32(128)})
         writer.write(6, {"loss": float("nan"), "grad_norm": {"blocks": jnp.inf}})
@@ -28,7 +28,7 @@ def test_jsonl_records_are_valid_json_with_fields(tmp_path):
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 4, 5, 6]
     first = records[0]
-    assert set(first) == {"step", "time", "loss", "lr", "tokens_per_s", "mfu", "grad_norm/embed",
+    assert set(first) == {"step", "time", "loss", "lr", "tokens_per_sec", "mfu", "grad_norm/embed",
                           "grad_norm/blocks", "seq_len"}
     assert first["loss"] == 1.5 and first["seq_len"] == 128 and isinstance(first["time"], float)
     assert records[-1]["loss"] is None and records[-1]["nonfinite"] == ["loss", "grad_norm/blocks"]
