@@ -33,20 +33,7 @@ BASE = [*TINY, "log.every_steps=1", "log.progress=false", "log.tensorboard=false
         "eval.every_steps=0", "eval.batches=1", "data.read_threads=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this session's trainer tests (same tiny model)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    values = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_cache"),
-              "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in values}
-    for name, value in values.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield values["jax_compilation_cache_dir"]
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def config(workdir, *extra):

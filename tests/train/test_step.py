@@ -28,20 +28,7 @@ TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.wind
         "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this session's trainer tests (same tiny model)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    values = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_cache"),
-              "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in values}
-    for name, value in values.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def make_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
