@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from peer import cross_entropy, make_step  # sibling script: the same train step as the throughput benchmark
+from peer import cross_entropy, make_step, parse_overrides  # sibling script: the same train step
 
 from lmtrain.export.recurrentgemma import model_config_to_griffin_config
 from lmtrain.models import LanguageModel, ModelConfig
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--patterns", default="RRA,G", help="our model's patterns (G runs with max_len = T)")
-    p.add_argument("--remat", default="none", help="ModelConfig.remat of our model")
+    p.add_argument("--overrides", default="", help="ModelConfig overrides of our model, e.g. 'attn_block=128'")
     p.add_argument("--no-peer", action="store_true", help="skip recurrentgemma")
     p.add_argument("--peer-no-remat", action="store_true",
                    help="also recurrentgemma with gradient_checkpointing=False (as shipped: True)")
@@ -80,7 +80,7 @@ def main() -> None:
 
     lens = [int(t) for t in args.seq_lens.split(",")]
     base = ModelConfig(vocab_size=args.vocab, width=args.width, num_layers=args.layers, num_heads=args.heads,
-                       num_kv_heads=1, window=args.window, remat=args.remat)
+                       num_kv_heads=1, window=args.window, **parse_overrides(args.overrides))
     rows: list[tuple[str, list[tuple[int, float]]]] = []
     for pattern in args.patterns.split(","):
         results = []
@@ -90,7 +90,7 @@ def main() -> None:
             results.append(temp_bytes(*ours(cfg), tokens))
             print(f"lmtrain {pattern} T={t}: {results[-1][0] / 2**20:.1f} MiB (compile {results[-1][1]:.1f}s)",
                   flush=True)
-        rows.append((f"lmtrain {pattern} remat={args.remat}", results))
+        rows.append((f"lmtrain {pattern} {args.overrides}".strip(), results))
     if not args.no_peer:
         for remat in [True, False] if args.peer_no_remat else [True]:
             results = []

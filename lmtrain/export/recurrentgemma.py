@@ -14,17 +14,18 @@ linear_out, conv_1d (w, b), rg_lru} -> mixer.{linear_x, linear_y, linear_out, co
 rg_lru}, attention_block.proj_{q,k,v,final} -> mixer.{q,k,v,out}, mlp_block.ffw_up w[0]/w[1] (b
 [2,1,1,F]) -> mlp.gate/mlp.up, ffw_down -> mlp.down. All layouts are identical; nothing is transposed.
 
-Two behaviours differ and are bridged here (see docs/performance.md and tests/export):
+Two behaviours differ and are bridged here (tests: tests/export/test_recurrentgemma.py):
 - Embedding scale: recurrentgemma multiplies embeddings by sqrt(width) *rounded to bfloat16*
-  (exact for widths 64, 256, 1024, 4096; 2560 gives 50.5 instead of 50.596).
+  (exact for perfect-square widths: 64, 256, 1024, 4096; 2560 gives 50.5 instead of 50.596).
   `load_recurrentgemma` sets `model.embedder.scale` to that rounded value (`match_embed_scale`);
   a model built afresh from the config uses the exact sqrt again.
 - Document starts: recurrentgemma resets the RG-LRU (a = 0, input multiplier 1) wherever
   segment_pos == 0, *including the first token*, and uses segment_pos as the RoPE position.
-  `inputs_from_segment_pos` turns segment_pos into our segment_ids, positions and a fresh state
-  whose last segment id makes token 0 a document start exactly when its segment_pos is 0, whatever
-  the model's convention for `state=None`. (At commit c001aca, state=None made token 0 continue a
-  zero state: multiplier sqrt(1 - a^2) instead of 1, which moved logits by up to 5% of their range.)
+  `inputs_from_segment_pos` turns segment_pos into our segment_ids (cumsum(segment_pos == 0)),
+  positions (= segment_pos) and a fresh state whose last segment id makes token 0 a document start
+  exactly when its segment_pos is 0. Since commit 6f27cc5 a plain call with state=None and those
+  segment_ids matches too (tested); at c001aca state=None made token 0 continue a zero state
+  (multiplier sqrt(1 - a^2) instead of 1, logits off by up to 5% of their range).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def to_recurrentgemma(model: LanguageModel) -> dict:
     if cfg.embed_scale and model.embedder.scale != recurrentgemma_embed_scale(cfg.width):
         warnings.warn(f"recurrentgemma scales embeddings by {recurrentgemma_embed_scale(cfg.width)} "
                       f"(sqrt({cfg.width}) in bfloat16), this model by {model.embedder.scale}; Griffin's "
-                      "logits will differ slightly. Widths 64, 256, 1024, 4096 avoid this.", stacklevel=2)
+                      "logits will differ slightly. Perfect-square widths (64, 256, 1024, 4096) avoid this.",
+                      stacklevel=2)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     p, repeats = len(cfg.pattern), model.repeats
     out: dict[str, Any] = {"embedder": {"input_embedding": pure["embedder"]["embedding"]},

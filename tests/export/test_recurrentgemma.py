@@ -116,6 +116,15 @@ def test_logits_equal_griffin(name, scan_layers):
     assert_close(our_logits(model, tokens), ref)
 
 
+def test_plain_call_with_segment_ids_equals_griffin():
+    """Without the helper: state=None starts a document at token 0 and positions restart at each
+    segment id change, which is what Griffin does where segment_pos == 0."""
+    params, tokens, ref = reference("griffin")
+    model = load(griffin_config_to_model_config(griffin_config("griffin")), params)
+    segment_ids = jnp.cumsum(segment_pos() == 0, axis=1)
+    assert_close(forward(*nnx.split(model), tokens, {"segment_ids": segment_ids}), ref)
+
+
 def test_segment_pos_means_segment_ids_from_zeros():
     """Griffin starts a document where segment_pos == 0, token 0 included; our equivalent call."""
     cfg = griffin_config_to_model_config(griffin_config("hawk"))
