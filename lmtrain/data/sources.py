@@ -108,6 +108,18 @@ class _Records:
         return f"{_rel(self.paths[f], self.root)}:{r}"
 
 
+class _RecordSource:
+    """A source whose documents are records of files, indexed by `self.records` (a `_Records`)."""
+
+    records: _Records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def key(self, index: int) -> str:
+        return self.records.key(index)
+
+
 class FileSource:
     """One document per file (the `text` and `stdlib` kinds)."""
 
@@ -142,7 +154,7 @@ def _line_offsets(path: Path, chunk: int = 1 << 26) -> np.ndarray:
     return spans[spans[:, 1] > spans[:, 0]]
 
 
-class JsonlSource:
+class JsonlSource(_RecordSource):
     """One document per non-empty line: `json.loads(line)[field]`."""
 
     def __init__(self, paths: Sequence[Path], root: Path, field: str):
@@ -152,12 +164,6 @@ class JsonlSource:
             raise _cannot_read(Path(e.filename or paths[0]), e) from e
         self.records = _Records(paths, root, [len(s) for s in self.spans])
         self.field = field
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def key(self, index: int) -> str:
-        return self.records.key(index)
 
     def read(self, index: int) -> Document:
         f, r = self.records.locate(index)
@@ -178,7 +184,7 @@ class JsonlSource:
         return Document(text, undecodable=doc.undecodable)
 
 
-class ParquetSource:
+class ParquetSource(_RecordSource):
     """One document per row of a string (or binary) column; row groups are read whole and cached."""
 
     CACHED_ROW_GROUPS = 4
@@ -206,12 +212,6 @@ class ParquetSource:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": collections.OrderedDict()}
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def key(self, index: int) -> str:
-        return self.records.key(index)
-
     def _row_group(self, f: int, g: int) -> list:
         rows = self._cache.get((f, g))
         if rows is None:
@@ -234,7 +234,7 @@ class ParquetSource:
         return decode(value) if isinstance(value, bytes) else Document(value)
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(_RecordSource):
     """One UTF-8 document per record. Write files with group_size:1 for fast random access."""
 
     def __init__(self, paths: Sequence[Path], root: Path):
@@ -257,12 +257,6 @@ class ArrayRecordSource:
         if not reader.ok():
             raise _cannot_read(path, OSError("not a valid ArrayRecord file"))
         return reader
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def key(self, index: int) -> str:
-        return self.records.key(index)
 
     def read(self, index: int) -> Document:
         f, r = self.records.locate(index)
