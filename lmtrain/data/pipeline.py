@@ -1,33 +1,38 @@
-"""grain pipelines: sources -> split -> shard -> shuffle -> tokenize -> pack -> mix -> batch.
+"""Training and evaluation iterators: sources -> split -> shard -> shuffle -> tokenize -> pack -> mix -> batch.
 
 Per source (training): the document indices of the training split, this process's shard
 (`[process_index::process_count]`), a global index shuffle by seed (reshuffled each epoch), repeated
-forever, read and tokenized, packed into rows. Sources are mixed by weight at the row level (so
-weights count tokens), batched to [global_batch_size / process_count, seq_len], and optionally run in
-`worker_count` grain worker processes. The iterator is grain's DatasetIterator: `get_state()` is a
-small JSON-serialisable dict (it also carries the bad-data counters, see `data_stats`) and
-`set_state()` resumes with exactly the same batches.
+forever, read and tokenized by grain (rows.Documents), packed into rows at the step's length. Each
+`next()` is one optimizer step k: its length and rows come from the curriculum, its rows from the
+mixture of the continual-pretraining stage that step k is in (sources mixed by weight at the row
+level, so weights count tokens; each row's source drawn by an RNG seeded by (seed, stage, k)), and
+from step `stream_from` on, row r continues row r of the previous step (truncated BPTT). `get_state()`
+is a small JSON-serialisable dict (it also carries the bad-data counters, see `data_stats`) and
+`set_state()` resumes with exactly the same batches. See docs/data.md.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import absl.flags
 import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.data import sources as sources_lib
-from lmtrain.data.config import DataConfig
+from lmtrain.data.config import DataConfig, SourceConfig, StageConfig, check_stages
+from lmtrain.data.curriculum import Curriculum
 from lmtrain.data.packing import FIELDS, Packer
+from lmtrain.data.rows import Documents, Row, Streams, TaskRows, TextRows
 from lmtrain.data.tokenizer import Tokenizer, load_tokenizer
 
 Batch = dict[str, np.ndarray]
+_ROW_TAG, _STREAM_TAG = 0x726F77, 0x737472  # separate the row-source and stream-document draws
 
 
 class _Encode:
@@ -46,32 +51,17 @@ class _Encode:
 
 
 class _PackIterator(grain.DatasetIterator):
-    """Packs (tokens, flags) documents into rows; counts bad data; state = (parent state, offset)."""
+    """Packs a finite stream of (tokens, flags) documents into rows (evaluation)."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, max_doc_tokens: int,
-                 name: str, patience: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, max_doc_tokens: int):
         super().__init__(parent)
         self._packer = Packer(seq_len, pad_id, max_doc_tokens)
-        self._doc_state: dict | None = None  # parent state just before the document being packed
-        self._counts = collections.Counter(dict.fromkeys(sources_lib.COUNTERS, 0))
-        self._name, self._patience = name, patience
 
-    def _pull(self, count: bool = True) -> np.ndarray | None:
-        self._doc_state = self._parent.get_state()
+    def _pull(self) -> np.ndarray | None:
         try:
-            tokens_N, flags = next(self._parent)
+            return next(self._parent)[0]
         except StopIteration:
             return None
-        if count:
-            self._counts.update(("documents",) + flags)
-            self._counts["tokens"] += len(tokens_N)
-            self._counts["split"] += len(tokens_N) - 1 > self._packer.max_doc_tokens
-        c = self._counts
-        if c["documents"] > self._patience and c["documents"] == c["malformed"] + c["empty"]:
-            # An endless stream with nothing to pack would hang: fail with the counts instead.
-            raise sources_lib.DataError(f"{self._name}: the first {c['documents']} documents read were all "
-                                        f"empty or malformed ({dict(c)}); check the source's path and field")
-        return tokens_N
 
     def __next__(self) -> Batch:
         row = self._packer.next_row(self._pull)
@@ -80,23 +70,16 @@ class _PackIterator(grain.DatasetIterator):
         return row
 
     def get_state(self) -> dict[str, Any]:
-        busy = self._packer.doc_N is not None
-        return {"parent": self._doc_state if busy else self._parent.get_state(),
-                "offset": self._packer.offset if busy else 0, "counts": dict(self._counts)}
+        raise NotImplementedError("the evaluation iterator is not resumable; restart it")
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._counts = collections.Counter(state["counts"])
-        self._packer.doc_N, self._packer.offset = None, 0
-        if state["offset"]:  # re-read the partly packed document (already counted)
-            self._packer.doc_N, self._packer.offset = self._pull(count=False), state["offset"]
+        raise NotImplementedError("the evaluation iterator is not resumable; restart it")
 
 
 class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, max_doc_tokens: int,
-                 name: str = "heldout", patience: int = 2**62):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, max_doc_tokens: int):
         super().__init__(parent)
-        self._args = (seq_len, pad_id, max_doc_tokens, name, patience)
+        self._args = (seq_len, pad_id, max_doc_tokens)
 
     def __iter__(self) -> _PackIterator:
         return _PackIterator(self._parent.__iter__(), *self._args)
@@ -104,6 +87,11 @@ class _PackIterDataset(grain.IterDataset):
 
 def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+
+
+def task_seed(data_seed: int, mixture: int, source: int) -> int:
+    """The example seed of task source `source` of mixture `mixture` (0: data.sources; see TrainIterator)."""
+    return _seed(data_seed, "task", mixture, source)
 
 
 def _read_options(cfg: DataConfig) -> grain.ReadOptions:
@@ -117,44 +105,168 @@ def _local_batch(cfg: DataConfig, process_count: int) -> int:
     return cfg.global_batch_size // process_count
 
 
-def _documents(cfg: DataConfig, heldout: bool, process_index: int, process_count: int,
-               tokenizer: Tokenizer) -> list[grain.MapDataset]:
-    """Per source: this process's shard of the split, as (tokens, flags) documents by index."""
-    per_source = []
-    for i, src_cfg in enumerate(cfg.sources):
-        source = sources_lib.open_source(src_cfg)
-        ids = sources_lib.split_indices(source, cfg.heldout_fraction, heldout)[process_index::process_count]
-        if not heldout and len(ids) == 0:
-            raise sources_lib.DataError(f"sources[{i}] ({src_cfg.kind} {src_cfg.path!r}) has no training "
-                                        f"documents for process {process_index} of {process_count}")
-        per_source.append(grain.MapDataset.source(ids).map(_Encode(source, tokenizer)))
-    return per_source
+def _source_name(where: str, src: SourceConfig) -> str:
+    return f"{where} ({src.kind} {src.task if src.kind == 'task' else src.path!r})"
 
 
-def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
-    """Endless iterator of this process's batches: dict of int32 [global_batch / process_count, seq_len]."""
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    local_batch = _local_batch(cfg, process_count)
-    rows = []
-    for i, docs in enumerate(_documents(cfg, False, process_index, process_count, tokenizer)):
-        name = f"sources[{i}] ({cfg.sources[i].kind} {cfg.sources[i].path!r})"
+def _documents(src: SourceConfig, name: str, heldout_fraction: float, heldout: bool, process_index: int,
+               process_count: int, tokenizer: Tokenizer) -> grain.MapDataset:
+    """This process's shard of one source's split, as (tokens, flags) documents by index."""
+    source = sources_lib.open_source(src)
+    ids = sources_lib.split_indices(source, heldout_fraction, heldout)[process_index::process_count]
+    if not heldout and len(ids) == 0:
+        raise sources_lib.DataError(f"{name} has no training documents for process {process_index} of "
+                                    f"{process_count}")
+    return grain.MapDataset.source(ids).map(_Encode(source, tokenizer))
+
+
+class TrainIterator:
+    """Endless training batches, one per optimizer step; see the module docstring and docs/data.md.
+
+    Mixture m is a list of sources: m = 0 is data.sources, then one per stage that sets `sources` (a
+    stage without sources reuses the previous stage's mixture and its reading positions). Every source
+    of every mixture has its own row source (TextRows or TaskRows), opened at construction and read
+    from when a step first draws a row from it.
+    """
+
+    def __init__(self, cfg: DataConfig, stages: Sequence[StageConfig] = (), stream_from: int | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        check_stages(tuple(stages))
+        _local_batch(cfg, process_count)
+        self.cfg, self.curriculum = cfg, Curriculum(cfg)
+        self.curriculum.check_processes(process_count)
+        self.process_index, self.process_count = process_index, process_count
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        self._pad_id = tokenizer.pad_id
+
+        mixtures, self._stage_mixture = [cfg.sources], [0]
+        for stage in stages:
+            if stage.sources:
+                mixtures.append(stage.sources)
+            self._stage_mixture.append(len(mixtures) - 1)
+        self._mixtures = [[self._row_source(m, j, src, tokenizer) for j, src in enumerate(srcs)]
+                          for m, srcs in enumerate(mixtures)]
+        self._starts = [0] + [stage.start_step for stage in stages]
+        self._plans = []  # per stage: ([(mixture, source)], probabilities)
+        for i, stage in enumerate((None, *stages)):
+            own = self._weighted(mixtures, self._stage_mixture[i], 1.0 - (stage.replay if stage else 0.0))
+            replay = self._weighted(mixtures, self._stage_mixture[i - 1], stage.replay) if stage else []
+            keys, weights = zip(*(own + replay))
+            self._plans.append((list(keys), np.asarray(weights) / sum(weights)))
+
+        self.stream_from = stream_from
+        self._streams = None
+        if stream_from is not None:
+            if len({rows for rows, _ in self.curriculum.shapes()}) > 1:
+                raise ValueError("stream mode needs the same rows every step, but the curriculum's batch_mode "
+                                 "constant_tokens changes them with the length; set curriculum.batch_mode: "
+                                 "fixed_batch (or use a constant curriculum)")
+            tasks = [_source_name(f"mixture {m} sources[{j}]", src) for m, srcs in enumerate(mixtures)
+                     for j, src in enumerate(srcs) if src.kind == "task"]
+            if tasks:
+                raise ValueError(f"stream mode reads documents, but {tasks[0]} is a task source; remove task "
+                                 "sources or don't stream")
+            self._streams = Streams(cfg.global_batch_size // process_count, self._pad_id, cfg.max_doc_tokens)
+        self.step = 0
+
+    def _row_source(self, m: int, j: int, src: SourceConfig, tokenizer: Tokenizer) -> TextRows | TaskRows:
+        cfg = self.cfg
+        name = _source_name(f"sources[{j}]" if m == 0 else f"stages (mixture {m}) sources[{j}]", src)
+        if src.kind == "task":
+            task = src.make_task(**({"tokenizer": tokenizer} if src.task == "passkey" else {}))
+            shortest = self.curriculum.buckets()[0]
+            if shortest < task.min_length():
+                raise ValueError(f"{name}: the task needs rows of at least {task.min_length()} tokens, but the "
+                                 f"curriculum makes rows of {shortest}; lengthen the curriculum or change the task")
+            return TaskRows(task, task_seed(cfg.seed, m, j), src.loss_on, self.process_index, self.process_count)
+        docs = _documents(src, name, cfg.heldout_fraction, False, self.process_index, self.process_count, tokenizer)
         patience = min(4 * len(docs) * max(1, cfg.worker_count), 10_000)  # reads without a usable doc
-        docs = docs.shuffle(seed=_seed(cfg.seed, i)).repeat().to_iter_dataset(_read_options(cfg))
-        rows.append(_PackIterDataset(docs, cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens, name, patience))
-    mixed = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in cfg.sources])
-    batches = mixed.batch(local_batch, drop_remainder=True)
-    if cfg.worker_count:
-        # grain 0.2.18 reads an absl flag before parsing (google/grain#1355): use the flag defaults.
-        if not absl.flags.FLAGS.is_parsed():
-            absl.flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return iter(batches)
+        order = docs.shuffle(seed=_seed(cfg.seed, j) if m == 0 else _seed(cfg.seed, m, j)).repeat()
+        documents = Documents(order, name, patience, cfg.max_doc_tokens, _read_options(cfg), cfg.worker_count)
+        return TextRows(documents, self._pad_id, cfg.max_doc_tokens)
+
+    @staticmethod
+    def _weighted(mixtures: list, m: int, share: float) -> list[tuple[tuple[int, int], float]]:
+        if share <= 0:
+            return []
+        total = sum(src.weight for src in mixtures[m])
+        return [((m, j), share * src.weight / total) for j, src in enumerate(mixtures[m])]
+
+    def stage_at(self, step: int) -> int:
+        """The stage of `step` (0: before the first stage's start_step)."""
+        return bisect.bisect_right(self._starts, step) - 1
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        k, stage = self.step, self.stage_at(self.step)
+        length = self.curriculum.length_at(k)
+        local = self.curriculum.rows_at(k) // self.process_count
+        keys, p = self._plans[stage]
+        if self._streams is not None and k >= self.stream_from:
+            def pull(r: int, n: int) -> tuple[tuple[int, ...], np.ndarray]:
+                stream = self.process_index * local + r
+                pick = 0 if len(keys) == 1 else np.random.default_rng(
+                    [self.cfg.seed, _STREAM_TAG, stage, stream, n]).choice(len(keys), p=p)
+                m, j = keys[pick]
+                index, tokens_N = self._mixtures[m][j].documents.pull()
+                return (m, j, index), tokens_N
+
+            rows = self._streams.next_rows(length, pull)
+        else:
+            picks = np.zeros(local, np.int64)
+            if len(keys) > 1:
+                every = np.random.default_rng([self.cfg.seed, _ROW_TAG, stage, k]).choice(
+                    len(keys), size=local * self.process_count, p=p)
+                picks = every[self.process_index * local:(self.process_index + 1) * local]
+            rows = [self._mixtures[keys[i][0]][keys[i][1]].next_row(length) for i in picks]
+        self.step += 1
+        return _stack(rows)
+
+    def get_state(self) -> dict[str, Any]:
+        """{"step": next step, "mixtures": [[source state, ...] per mixture], "streams": [...] or None}."""
+        return {"step": self.step,
+                "mixtures": [[src.get_state() for src in srcs] for srcs in self._mixtures],
+                "streams": self._streams.get_state() if self._streams is not None else None}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        shape = [len(srcs) for srcs in self._mixtures]
+        if "mixtures" not in state or [len(srcs) for srcs in state["mixtures"]] != shape:
+            raise ValueError(f"the data state does not match this data config (sources per mixture {shape}; the "
+                             f"state has keys {sorted(state)}): resume with the same data.sources and stages")
+        if (state["streams"] is None) != (self._streams is None):
+            raise ValueError("the data state was saved with stream mode "
+                             f"{'on' if state['streams'] is not None else 'off'}; resume with the same stream_from")
+        self.step = int(state["step"])
+        for srcs, states in zip(self._mixtures, state["mixtures"]):
+            for src, src_state in zip(srcs, states):
+                src.set_state(src_state)
+        if self._streams is not None:
+            self._streams.set_state(state["streams"], lambda key: self._mixtures[key[0]][key[1]].documents.read(key[2]))
+
+    def close(self) -> None:
+        for srcs in self._mixtures:
+            for src in srcs:
+                src.close()
+
+
+def _stack(rows: list[Row]) -> Batch:
+    return {k: np.stack([row[k] for row in rows]) for k in FIELDS}
+
+
+def make_train_iterator(cfg: DataConfig, *, stages: Sequence[StageConfig] = (), stream_from: int | None = None,
+                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
+    """Endless iterator of this process's batches, one per optimizer step k: dict of int32
+    [curriculum.rows_at(k) / process_count, curriculum.length_at(k)] (default [global_batch / process_count,
+    seq_len]). `stages`: continual-pretraining stages (mixtures with replay from their start_step);
+    `stream_from`: from this step on, row r of each batch continues row r of the previous one (None: never)."""
+    return TrainIterator(cfg, stages, stream_from, process_index, process_count)
 
 
 def make_eval_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
                        num_batches: int | None = None) -> Iterator[Batch]:
-    """Batches of this process's shard of the held-out split of every source, in file order.
+    """Batches of this process's shard of the held-out split of every text source, in file order.
 
     Finite and deterministic. The last batch is padded with empty rows (loss_mask 0). With
     `num_batches`, exactly that many batches come out (empty ones after the data runs out), which
@@ -162,7 +274,9 @@ def make_eval_iterator(cfg: DataConfig, *, process_index: int = 0, process_count
     """
     tokenizer = load_tokenizer(cfg.tokenizer)
     local_batch = _local_batch(cfg, process_count)
-    docs = grain.MapDataset.concatenate(_documents(cfg, True, process_index, process_count, tokenizer))
+    per_source = [_documents(src, _source_name(f"sources[{i}]", src), cfg.heldout_fraction, True, process_index,
+                             process_count, tokenizer) for i, src in enumerate(cfg.sources) if src.kind != "task"]
+    docs = grain.MapDataset.concatenate(per_source) if per_source else grain.MapDataset.source([])
     rows = _PackIterDataset(docs.to_iter_dataset(_read_options(cfg)), cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens)
     empty = {k: np.full((local_batch, cfg.seq_len), tokenizer.pad_id if k in ("inputs", "targets") else 0,
                         np.int32) for k in FIELDS}
@@ -184,7 +298,7 @@ def data_stats(state: Mapping[str, Any]) -> dict[str, int]:
 
     def visit(node: Any) -> None:
         if isinstance(node, Mapping):
-            if "counts" in node and "offset" in node:
+            if isinstance(node.get("counts"), Mapping):
                 totals.update(node["counts"])
             for value in node.values():
                 visit(value)

@@ -289,6 +289,9 @@ SOURCES = {
 
 def open_source(cfg: SourceConfig) -> Source:
     """Lists and indexes the files of one source."""
+    if cfg.kind not in SOURCES:
+        raise DataError(f"a '{cfg.kind}' source has no documents to read; use a text, jsonl, parquet, "
+                        "arrayrecord or stdlib source here")
     return SOURCES[cfg.kind](cfg)
 
 

@@ -141,10 +141,10 @@ def test_bad_data_is_counted(tmp_path):
     it = make_train_iterator(_cfg(*srcs, max_doc_tokens=40, seq_len=16, global_batch_size=1))
     per_epoch = [{"documents": 4, "empty": 1, "undecodable": 1, "split": 1, "malformed": 0},
                  {"documents": 3, "empty": 0, "undecodable": 0, "split": 0, "malformed": 2}]
-    while min(data_stats(s)["documents"] for s in it.get_state()["parents"]) < 8:
+    while min(data_stats(s)["documents"] for s in it.get_state()["mixtures"][0]) < 8:
         next(it)
     # Both sources were read whole at least twice; each count lies between whole epochs' counts.
-    for state, per in zip(it.get_state()["parents"], per_epoch):
+    for state, per in zip(it.get_state()["mixtures"][0], per_epoch):
         counts = data_stats(state)
         epochs = counts["documents"] / per["documents"]
         assert counts["tokens"] > 0
