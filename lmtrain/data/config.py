@@ -89,7 +89,7 @@ class CurriculumConfig:
     bucket: int = configlib.field(
         64, help="lengths are rounded up to a multiple of this (at most data.seq_len), so a run compiles one "
         "step per distinct length; 1 keeps lengths as given")
-    stages: tuple[tuple[int, int], ...] = configlib.field(
+    stages: tuple[tuple[int, ...], ...] = configlib.field(
         (), help="staged: [[until_step, length], ...], until_step increasing; stage i runs to its until_step "
         "(exclusive), the last one to the end of training")
     start_length: int = configlib.field(64, help="warmup: the length at step 0")

@@ -60,9 +60,9 @@ class Staged(Constant):
 
     def __post_init__(self):
         stages = self.cfg.stages
-        if not stages:
-            raise ConfigError("curriculum.stages: kind staged needs [[until_step, length], ...], "
-                              "e.g. [[1000, 128], [3000, 256]]")
+        if not stages or any(len(stage) != 2 for stage in stages):
+            raise ConfigError(f"curriculum.stages: kind staged needs [[until_step, length], ...], "
+                              f"e.g. [[1000, 128], [3000, 256]]; got {[list(s) for s in stages]}")
         _check_lengths("stages", tuple(length for _, length in stages), self.seq_len)
         ends = [until for until, _ in stages]
         if ends[0] <= 0 or any(b <= a for a, b in zip(ends, ends[1:])):

@@ -106,7 +106,7 @@ def _local_batch(cfg: DataConfig, process_count: int) -> int:
 
 
 def _source_name(where: str, src: SourceConfig) -> str:
-    return f"{where} ({src.kind} {src.task if src.kind == 'task' else src.path!r})"
+    return f"{where} (task {src.task})" if src.kind == "task" else f"{where} ({src.kind} {src.path!r})"
 
 
 def _documents(src: SourceConfig, name: str, heldout_fraction: float, heldout: bool, process_index: int,

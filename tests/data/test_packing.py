@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmtrain.data.packing import FIELDS, pack_documents
+from lmtrain.data.packing import FIELDS, StreamPacker, pack_documents
 
 PAD = -1
 
@@ -81,3 +81,26 @@ def test_worked_example_from_docs():
 
 def test_short_documents_are_skipped():
     assert pack_documents([np.array([], np.int32), np.array([5], np.int32)], 4, PAD) == []
+
+
+@pytest.mark.parametrize("max_doc_tokens", [1000, 5])
+def test_stream_packer_matches_flat_pair_stream(max_doc_tokens):
+    """Rows of varying length cut one flat stream of pairs; segment ids number pieces across rows."""
+    rng = np.random.default_rng(max_doc_tokens)
+    docs = [d for d in _docs(rng, 80, 30) if len(d) >= 2]  # the pipeline never pulls shorter documents
+    pairs = []  # (input, target, piece number from 1, position in piece)
+    for d in docs:
+        for i in range(len(d) - 1):
+            piece = len({p[2] for p in pairs}) + (i % max_doc_tokens == 0)
+            position = i % max_doc_tokens
+            pairs.append((d[i], d[i + 1], piece if pairs else 1, position))
+    it = iter(docs)
+    packer = StreamPacker(PAD, max_doc_tokens)
+    at = 0
+    for length in rng.integers(1, 40, size=25):
+        row = packer.next_row(lambda: next(it), int(length))
+        ref = np.array(pairs[at:at + length]).T
+        at += length
+        assert row["loss_mask"].all()
+        for key, expected in zip(("inputs", "targets", "segment_ids", "positions"), ref):
+            np.testing.assert_array_equal(row[key], expected, err_msg=key)
