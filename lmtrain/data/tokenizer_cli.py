@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train = commands.add_parser("train", help="train a sentencepiece model on a document source",
                                 description="Writes OUT.model and OUT.vocab; set tokenizer.kind=sentencepiece "
                                 "and tokenizer.path=OUT.model to use it.")
-    train.add_argument("--source", choices=typing.get_args(SourceKind), default="stdlib",
+    train.add_argument("--source", choices=[k for k in typing.get_args(SourceKind) if k != "task"], default="stdlib",
                        help="source kind (default: stdlib, the built-in corpus)")
     train.add_argument("--path", default="", help="file glob for text/jsonl/parquet/arrayrecord sources")
     train.add_argument("--field", default="text", help="jsonl key / parquet column holding the text")

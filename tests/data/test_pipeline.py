@@ -172,6 +172,8 @@ def test_worker_processes_resume_exactly(tmp_path):
     _assert_same(_take(fresh, 4), expected)
     fresh.close()
     assert data_stats(state)["documents"] > 0
+    # Workers only read and tokenize: the batches are those of the in-process pipeline.
+    _assert_same(_take(make_train_iterator(dataclasses.replace(cfg, worker_count=0)), 7)[3:], expected)
 
 
 def test_to_global_batch_single_process():
