@@ -22,6 +22,7 @@ from lmtrain.data.config import DataConfig
 from lmtrain.models.config import ModelConfig
 from lmtrain.train.checkpoint import CheckpointConfig
 from lmtrain.train.config import EvalConfig, TrainConfig
+from lmtrain.train.interventions import check_interventions
 from lmtrain.train.mesh import MeshConfig
 from lmtrain.train.metrics import LogConfig
 from lmtrain.train.optimizer import OptimizerConfig, ScheduleConfig
@@ -51,6 +52,7 @@ class Config:
         if "G" in self.model.pattern and self.model.max_len < self.data.seq_len:
             raise ConfigError(f"model.max_len {self.model.max_len} < data.seq_len {self.data.seq_len}: "
                               "raise model.max_len")
+        check_interventions(self.train.interventions, self.model)
         if self.data.global_batch_size % self.train.grad_accum:
             raise ConfigError(f"data.global_batch_size {self.data.global_batch_size} is not divisible by "
                               f"train.grad_accum {self.train.grad_accum}")

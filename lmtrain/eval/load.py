@@ -17,6 +17,7 @@ import jax
 from lmtrain.config import Config, load_config
 from lmtrain.models import LanguageModel
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.loop import restore_train_state
 from lmtrain.train.mesh import make_mesh
 from lmtrain.train.step import Trainer
 
@@ -79,11 +80,16 @@ def load_run(workdir: str | Path, step: int | None = None, *, ema: bool = False,
     ckpt = Checkpointer(directory, keep_all)
     try:
         if step is None:
-            restored = ckpt.restore_latest(abstract)
+            restored = restore_train_state(ckpt, trainer)
             assert restored is not None  # steps is not empty
             step, state, _ = restored
-        else:
-            step, state, _ = ckpt._restore(step, abstract)  # Checkpointer has no public by-step restore
+        else:  # Checkpointer has no public by-step restore; a step written before a carry was configured lacks it
+            try:
+                step, state, _ = ckpt._restore(step, abstract)
+            except Exception:  # noqa: BLE001 - retry without the carried state / statistics
+                if abstract.carry is None and abstract.stats is None:
+                    raise
+                step, state, _ = ckpt._restore(step, abstract._replace(carry=None, stats=None))
     finally:
         ckpt.close()
     params = state.ema if ema else state.params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lmtrain.configlib import ConfigError, field
+from lmtrain.train.interventions import InterventionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,9 @@ class TrainConfig:
     max_skipped_steps: int = field(
         5, "Non-finite loss or gradients skip the update; after this many consecutive skips the run "
            "stops with a diagnostic naming the step and the offending parameter group.")
+    interventions: tuple[InterventionConfig, ...] = field(
+        (), "Initial-state interventions for length generalization (a list; see docs/length_generalization.md), "
+            "e.g. [{kind: state_passing, start_step: 900}].")
 
     def validate(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0:

@@ -22,7 +22,7 @@ from lmtrain.config import Config, ConfigError, check_runtime, save_config
 from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_iterator, to_global_batch
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.models.flops import count_params, train_flops_per_token
-from lmtrain.train.checkpoint import Checkpointer, PreemptionGuard
+from lmtrain.train.checkpoint import Checkpointer, CheckpointRestoreError, PreemptionGuard
 from lmtrain.train.distributed import data_shard
 from lmtrain.train.mesh import describe_mesh, make_mesh
 from lmtrain.train.metrics import MetricsWriter, device_peak_flops, mfu
@@ -66,6 +66,23 @@ def prepare_workdir(cfg: Config) -> Path:
     return workdir
 
 
+def restore_train_state(ckpt: Checkpointer, trainer: Trainer) -> tuple[int, TrainState, Any] | None:
+    """`Checkpointer.restore_latest` onto the trainer's state; a checkpoint written before the config
+    added a carried state or state statistics (an intervention switched on at resume) restores the
+    rest, and those start fresh."""
+    target = trainer.abstract_state()
+    try:
+        return ckpt.restore_latest(target)
+    except CheckpointRestoreError:
+        if target.carry is None and target.stats is None:
+            raise
+        restored = ckpt.restore_latest(target._replace(carry=None, stats=None))
+    step, state, data_state = restored
+    log.warning("checkpoint of step %d has no carried state / state statistics (written before the "
+                "interventions that need them were configured); they start fresh", step)
+    return step, state._replace(**dict(zip(("carry", "stats"), trainer.fresh_extras()))), data_state
+
+
 def batch_axes_size(trainer: Trainer) -> int:
     """Number of data-parallel shards of the batch (mesh axes the `batch` rule maps to)."""
     spec = trainer.batch_sharding.spec[0]
@@ -95,7 +112,7 @@ def train(cfg: Config) -> dict[str, Any]:
     index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)  # the rows this process holds
     data = make_train_iterator(cfg.data, process_index=index, process_count=count)
     ckpt = Checkpointer(cfg.checkpoint.path(workdir), cfg.checkpoint)
-    restored = ckpt.restore_latest(trainer.abstract_state())
+    restored = restore_train_state(ckpt, trainer)
     if restored is None:
         step, state = 0, trainer.init_state()
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -78,12 +78,13 @@ DECAY_SHAPES: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _warmup_then(lr: float, warmup: int, after: Callable[[jax.Array], jax.Array]) -> optax.Schedule:
-    """Linear warmup 0 -> lr over `warmup` steps, then `after(step)`."""
+def _warmup_then(lr: float, warmup: int, after: Callable[[jax.Array], jax.Array],
+                 start_lr: float = 0.0) -> optax.Schedule:
+    """Linear warmup start_lr -> lr over `warmup` steps, then `after(step)`."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        ramp = lr * step / max(warmup, 1)
+        ramp = start_lr + (lr - start_lr) * step / max(warmup, 1)
         return jnp.where(step < warmup, ramp, after(step))
 
     return schedule
@@ -99,28 +100,28 @@ def _decay(lr: float, min_ratio: float, start: int, end: int, shape: str) -> Cal
     return after
 
 
-def _warmup_cosine(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
+def _warmup_cosine(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int, start_lr: float) -> optax.Schedule:
     return _warmup_then(opt.lr, sched.warmup_steps,
-                        _decay(opt.lr, sched.min_lr_ratio, sched.warmup_steps, total_steps, "cosine"))
+                        _decay(opt.lr, sched.min_lr_ratio, sched.warmup_steps, total_steps, "cosine"), start_lr)
 
 
-def _warmup_linear(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
+def _warmup_linear(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int, start_lr: float) -> optax.Schedule:
     return _warmup_then(opt.lr, sched.warmup_steps,
-                        _decay(opt.lr, sched.min_lr_ratio, sched.warmup_steps, total_steps, "linear"))
+                        _decay(opt.lr, sched.min_lr_ratio, sched.warmup_steps, total_steps, "linear"), start_lr)
 
 
-def _wsd(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
+def _wsd(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int, start_lr: float) -> optax.Schedule:
     decay_start = max(sched.warmup_steps, total_steps - round(sched.decay_fraction * total_steps))
     decay = _decay(opt.lr, sched.min_lr_ratio, decay_start, total_steps, sched.decay_shape)
     return _warmup_then(opt.lr, sched.warmup_steps,
-                        lambda step: jnp.where(step < decay_start, opt.lr, decay(step)))
+                        lambda step: jnp.where(step < decay_start, opt.lr, decay(step)), start_lr)
 
 
-def _constant(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
-    return _warmup_then(opt.lr, sched.warmup_steps, lambda step: jnp.full_like(step, opt.lr))
+def _constant(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int, start_lr: float) -> optax.Schedule:
+    return _warmup_then(opt.lr, sched.warmup_steps, lambda step: jnp.full_like(step, opt.lr), start_lr)
 
 
-SCHEDULES: dict[str, Callable[[OptimizerConfig, ScheduleConfig, int], optax.Schedule]] = {
+SCHEDULES: dict[str, Callable[[OptimizerConfig, ScheduleConfig, int, float], optax.Schedule]] = {
     "warmup_cosine": _warmup_cosine,
     "warmup_linear": _warmup_linear,
     "wsd": _wsd,
@@ -128,15 +129,50 @@ SCHEDULES: dict[str, Callable[[OptimizerConfig, ScheduleConfig, int], optax.Sche
 }
 
 
-def make_schedule(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, total_steps: int) -> optax.Schedule:
-    """The learning rate as a function of the (0-based) optimizer step."""
+def make_schedule(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, total_steps: int,
+                  stages: Sequence[Any] = ()) -> optax.Schedule:
+    """The learning rate as a function of the (0-based) optimizer step.
+
+    With continual-pretraining `stages` (`StageConfig`s: start_step, lr, warmup_steps, min_lr_ratio),
+    the schedule restarts at each stage's start: the first piece decays by the end of stage 0 (the
+    first start_step); each stage re-warms linearly from the lr the previous stage ended at to its own
+    peak (`lr`, 0 = optimizer.lr) over its `warmup_steps`, then re-decays with `schedule.kind` to
+    `min_lr_ratio` (-1 = schedule.min_lr_ratio) at the end of the stage.
+    """
     if sched_cfg.kind not in SCHEDULES:
         raise ConfigError(f"schedule.kind: unknown '{sched_cfg.kind}'"
                           f"{configlib.did_you_mean(sched_cfg.kind, list(SCHEDULES))}")
-    if total_steps < sched_cfg.warmup_steps:
-        raise ConfigError(f"total_steps={total_steps} is shorter than schedule.warmup_steps="
-                          f"{sched_cfg.warmup_steps}")
-    return SCHEDULES[sched_cfg.kind](opt_cfg, sched_cfg, total_steps)
+    bounds = [0, *(s.start_step for s in stages), total_steps]
+    if any(b >= e for b, e in zip(bounds, bounds[1:])):
+        raise ConfigError(f"stages: start steps {bounds[1:-1]} must increase and lie inside the "
+                          f"{total_steps} training steps")
+    pieces, start_lr = [], 0.0
+    for i, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        opt, sched = opt_cfg, sched_cfg
+        if i:
+            stage = stages[i - 1]
+            opt = dataclasses.replace(opt_cfg, lr=stage.lr or opt_cfg.lr)
+            sched = dataclasses.replace(sched_cfg, warmup_steps=stage.warmup_steps, min_lr_ratio=(
+                stage.min_lr_ratio if stage.min_lr_ratio >= 0 else sched_cfg.min_lr_ratio))
+        if end - begin < sched.warmup_steps:
+            if not i:
+                raise ConfigError(f"the first {end - begin} steps (total_steps or the first stage's start) "
+                                  f"are shorter than schedule.warmup_steps={sched.warmup_steps}")
+            raise ConfigError(f"stages[{i - 1}] lasts {end - begin} steps, shorter than its warmup_steps="
+                              f"{sched.warmup_steps}")
+        pieces.append(SCHEDULES[sched.kind](opt, sched, end - begin, start_lr))
+        start_lr = float(pieces[-1](end - begin))
+    if len(pieces) == 1:
+        return pieces[0]
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        lr = pieces[0](step)
+        for begin, piece in zip(bounds[1:-1], pieces[1:]):
+            lr = jnp.where(step >= begin, piece(step - begin), lr)
+        return lr
+
+    return schedule
 
 
 # --- optimizer -----------------------------------------------------------------------------------
@@ -163,10 +199,10 @@ def decay_mask(params: Any, decay_params: tuple[str, ...] | list[str]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: leaf_name(path) in wanted, params)
 
 
-def make_optimizer(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig,
-                   total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, total_steps: int,
+                   stages: Sequence[Any] = ()) -> optax.GradientTransformation:
     """clip_by_global_norm (if grad_clip_norm > 0) + AdamW with decay only on `decay_params` leaves."""
-    schedule = make_schedule(opt_cfg, sched_cfg, total_steps)
+    schedule = make_schedule(opt_cfg, sched_cfg, total_steps, stages)
     adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                         weight_decay=opt_cfg.weight_decay,
                         mask=lambda params: decay_mask(params, opt_cfg.decay_params))

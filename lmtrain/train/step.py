@@ -19,8 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.config import Config
 from lmtrain.models import LanguageModel
+from lmtrain.models.model import ModelState
 from lmtrain.sharding import logical_to_spec, use_rules
+from lmtrain.train import interventions as iv
 from lmtrain.train import mesh as mesh_lib
+from lmtrain.train.interventions import batch_axis
 from lmtrain.train.optimizer import ema_update, grad_norms, make_optimizer, make_schedule, opt_state_specs
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -34,6 +37,30 @@ class TrainState(NamedTuple):
     rng: jax.Array
     ema: Any  # same structure as params, or None
     skipped: jax.Array  # consecutive non-finite steps
+    carry: Any = None  # ModelState: the last step's final state [global batch] (state_passing, tbptt), or None
+    stats: Any = None  # interventions.StateStats of final recurrent states (fitted_noise), or None
+
+
+def _rows_split(tree: Any, accum: int) -> Any:
+    """Rows i * accum + j of a batch dict or ModelState to microbatch j: [..B..] -> [accum, ..B/accum..].
+
+    Rows are on `interventions.batch_axis` (1 for a ModelState's stacked groups, else 0)."""
+    def split(path, x):
+        axis = batch_axis(path)
+        x = x.reshape(x.shape[:axis] + (-1, accum) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis + 1, 0)
+
+    return jax.tree_util.tree_map_with_path(split, tree)
+
+
+def _rows_merge(tree: Any) -> Any:
+    """Inverse of `_rows_split` for a ModelState stacked over microbatches."""
+    def merge(path, x):
+        axis = batch_axis(path)
+        x = jnp.moveaxis(x, 0, axis + 1)
+        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+    return jax.tree_util.tree_map_with_path(merge, tree)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
@@ -63,8 +90,16 @@ class Trainer:
         param_sh = jax.tree.map(named, self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         opt_specs = opt_state_specs(self.tx, self.abstract_params, self.param_specs, PartitionSpec())
         opt_sh = jax.tree.map(named, opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        self.interventions = cfg.train.interventions
+        self.carry_rows = cfg.data.global_batch_size if iv.needs_carry(self.interventions) else 0
+        batch_spec = logical_to_spec(("batch",), self.rules)
+        rows_sh = lambda path, _: named(PartitionSpec(*([None] * batch_axis(path)), *batch_spec))
+        abstract_carry, abstract_stats = jax.eval_shape(self._extras)
+        carry_sh = jax.tree_util.tree_map_with_path(rows_sh, abstract_carry)
+        stats_sh = jax.tree.map(lambda _: replicated, abstract_stats)
         self.state_sharding = TrainState(replicated, param_sh, opt_sh, replicated,
-                                         param_sh if cfg.optimizer.ema_decay else None, replicated)
+                                         param_sh if cfg.optimizer.ema_decay else None, replicated,
+                                         carry_sh, stats_sh)
         self.batch_sharding = named(logical_to_spec(("batch", "length"), self.rules))
         self._train_step = jax.jit(self._step, in_shardings=(self.state_sharding, self.batch_sharding),
                                    out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
@@ -82,10 +117,23 @@ class Trainer:
             ema = params if self.cfg.optimizer.ema_decay else None
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params),
                               jax.random.key_data(jax.random.key(self.cfg.train.seed)), ema,
-                              jnp.zeros((), jnp.int32))
+                              jnp.zeros((), jnp.int32), *self._extras())
 
         with use_rules(self.mesh, self.rules):
             return init()
+
+    def _extras(self) -> tuple[ModelState | None, iv.StateStats | None]:
+        """(carry, stats) at the start of training: zero states / statistics, or None if unused."""
+        model = nnx.merge(self.graphdef, self.abstract_vars)  # init_state needs no parameter values
+        carry = model.init_state(self.carry_rows) if self.carry_rows else None
+        stats = iv.init_stats(model.init_state(1)) if iv.needs_stats(self.interventions) else None
+        return carry, stats
+
+    def fresh_extras(self) -> tuple[ModelState | None, iv.StateStats | None]:
+        """`_extras` created with their shardings (for a checkpoint written before they were configured)."""
+        shardings = (self.state_sharding.carry, self.state_sharding.stats)
+        with use_rules(self.mesh, self.rules):
+            return jax.jit(self._extras, out_shardings=shardings)()
 
     def abstract_state(self) -> TrainState:
         """The train state's shapes, dtypes and shardings (the restore target)."""
@@ -100,31 +148,47 @@ class Trainer:
         return nnx.merge(self.graphdef, variables)
 
     # ------------------------------------------------------------------------------------ loss
-    def _loss(self, params: Any, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def _loss(self, params: Any, batch: dict, state0: ModelState | None = None
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, ModelState]]:
+        """(loss sum incl. z-loss, (NLL sum, token count, final model state)) from initial state `state0`."""
         model = self.model(params)
-        logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        logits, final = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                              state=state0)
         total, nll = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss)
         count = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
-        return total, (nll, count)
+        return total, (nll, count, final)
+
+    def _initial_state(self, state: TrainState, batch: dict) -> tuple[ModelState | None, dict]:
+        """This step's initial model state from the interventions (None without any), and metrics."""
+        if not self.interventions:
+            return None, {}
+        rows = batch["inputs"].shape[0]
+        inputs = iv.Inputs(self.model(state.params).init_state(rows), batch["segment_ids"][:, 0],
+                           state.carry, state.stats)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        state0, touched_B = iv.initial_state(self.interventions, inputs, state.step, rng)
+        return state0, {"intervened_rows": jnp.mean(touched_B.astype(jnp.float32))}
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         accum = self.cfg.train.grad_accum
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         with use_rules(self.mesh, self.rules):
+            state0, extra = self._initial_state(state, batch)
             if accum == 1:
-                (total, (nll, count)), grads = grad_fn(state.params, batch)
+                (total, (nll, count, final)), grads = grad_fn(state.params, batch, state0)
             else:  # sequential microbatches, gradients summed then normalised by the token count
                 # Microbatch i takes rows i, i + accum, ...: every device keeps an equal share of each
                 # microbatch in place (contiguous chunks would sit on a subset of the data-parallel
                 # devices and be resharded every iteration).
-                micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-
-                def body(carry, mb):
-                    (t, (n, c)), g = grad_fn(state.params, mb)
-                    return jax.tree.map(jnp.add, carry, (t, n, c, g)), None
+                def body(carry, xs):
+                    mb, s0 = xs
+                    (t, (n, c, f)), g = grad_fn(state.params, mb, s0)
+                    return jax.tree.map(jnp.add, carry, (t, n, c, g)), f
 
                 zeros = (0.0, 0.0, 0.0, jax.tree.map(jnp.zeros_like, state.params))
-                (total, nll, count, grads), _ = jax.lax.scan(body, zeros, micro)
+                xs = (_rows_split(batch, accum), None if state0 is None else _rows_split(state0, accum))
+                (total, nll, count, grads), finals = jax.lax.scan(body, zeros, xs)
+                final = _rows_merge(finals)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         gnorm, group = grad_norms(grads, depth=NORM_GROUP_DEPTH)
@@ -136,15 +200,22 @@ class Trainer:
         ema = state.ema
         if ema is not None:
             ema = keep(ema_update(ema, params, self.cfg.optimizer.ema_decay), ema)
+        final = jax.lax.stop_gradient(final)
+        carry = None if state.carry is None else final
+        stats = state.stats
+        if stats is not None:
+            decay = next(c.stats_decay for c in self.interventions if c.kind == "fitted_noise")
+            stats = keep(iv.update_stats(stats, final, decay), stats)
         new_state = TrainState(state.step + 1, params, opt_state, state.rng, ema,
-                               jnp.where(finite, 0, state.skipped + 1))
+                               jnp.where(finite, 0, state.skipped + 1), carry, stats)
         metrics = {"loss": nll / denom, "grad_norm": gnorm, "finite": finite, "tokens": count,
-                   "lr": self.lr_schedule(state.step), "group_norms": group}
+                   "lr": self.lr_schedule(state.step), "group_norms": group, "state_rms": iv.state_rms(final),
+                   **extra}
         return new_state, metrics
 
     def _eval(self, params: Any, batch: dict) -> dict:
         with use_rules(self.mesh, self.rules):
-            _, (nll, count) = self._loss(params, batch)
+            _, (nll, count, _) = self._loss(params, batch)
         return {"nll_sum": nll, "tokens": count}
 
     # ------------------------------------------------------------------------------------- api

@@ -8,7 +8,8 @@ from flax import nnx
 
 from lmtrain.configlib import ConfigError, from_dict
 from lmtrain.models import LanguageModel, ModelConfig
-from lmtrain.train.interventions import InterventionConfig, fitted_moments, init_stats, initial_state, update_stats
+from lmtrain.train.interventions import (InterventionConfig, Inputs, fitted_moments, init_stats, update_stats)
+from lmtrain.train.interventions import initial_state as apply_all
 
 CFG = ModelConfig(vocab_size=50, width=16, num_layers=4, pattern="RRA", num_heads=2, window=4, lru_width=32)
 B = 512
@@ -17,6 +18,10 @@ B = 512
 @pytest.fixture(scope="module")
 def fresh():
     return LanguageModel(CFG, rngs=nnx.Rngs(0)).init_state(B)
+
+
+def initial_state(cfg, fresh, step, rng, first_seg, stats=None, previous=None):
+    return apply_all([cfg], Inputs(fresh, first_seg, previous, stats), step, rng)[0]
 
 
 def hs(state):
@@ -83,3 +88,22 @@ def test_config_validation():
         from_dict(InterventionConfig, {"prob": 1.5})
     with pytest.raises(ConfigError, match="did you mean 'noise'"):
         from_dict(InterventionConfig, {"kind": "nois"})
+
+
+def test_layer_noise_std_in_depth_order(fresh):
+    # RRA over 4 layers: R layers at depths 0, 1, 3 -> groups[0] (repeat 0), groups[1] (repeat 0), tail[0]
+    cfg = InterventionConfig(kind="noise", layer_noise_std=(0.1, 0.5, 2.0))
+    out = initial_state(cfg, fresh, jnp.int32(0), jax.random.key(3), jnp.zeros((B,), jnp.int32))
+    for h, std in zip(hs(out), (0.1, 0.5, 2.0)):
+        assert abs(float(jnp.std(h)) / std - 1) < 0.05
+
+
+def test_interventions_compose_later_wins(fresh):
+    seg = jnp.zeros((B,), jnp.int32)
+    cfgs = [InterventionConfig(kind="noise", noise_std=1.0), InterventionConfig(kind="noise", noise_std=0.01,
+                                                                                prob=0.5)]
+    out, touched = apply_all(cfgs, Inputs(fresh, seg, None, None), jnp.int32(0), jax.random.key(0))
+    assert bool(jnp.all(touched))
+    row_std = np.asarray(jnp.std(out.tail[0].h_BxL, axis=-1))
+    small = row_std < 0.1
+    assert 0.4 < small.mean() < 0.6 and np.all(row_std[~small] > 0.5)

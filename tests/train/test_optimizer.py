@@ -58,7 +58,7 @@ def test_wsd_decay_shapes(shape):
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'wsd'"):
         configlib.from_dict(ScheduleConfig, {"kind": "wds"})
-    with pytest.raises(ConfigError, match="shorter than schedule.warmup_steps"):
+    with pytest.raises(ConfigError, match="shorter than schedule.warmup_steps=100"):
         opt_lib.make_schedule(OptimizerConfig(), ScheduleConfig(warmup_steps=100), 50)
 
 
