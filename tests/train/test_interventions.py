@@ -8,7 +8,7 @@ from flax import nnx
 
 from lmtrain.configlib import ConfigError, from_dict
 from lmtrain.models import LanguageModel, ModelConfig
-from lmtrain.train.interventions import (InterventionConfig, Inputs, fitted_moments, init_stats, update_stats)
+from lmtrain.train.interventions import Inputs, InterventionConfig, fitted_moments, init_stats, update_stats
 from lmtrain.train.interventions import initial_state as apply_all
 
 CFG = ModelConfig(vocab_size=50, width=16, num_layers=4, pattern="RRA", num_heads=2, window=4, lru_width=32)
