@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from lmtrain.data.config import DataConfig, SourceConfig, StageConfig, check_sta
 from lmtrain.data.curriculum import Curriculum
 from lmtrain.data.packing import FIELDS, Packer
 from lmtrain.data.rows import Documents, Row, Streams, TaskRows, TextRows
+from lmtrain.data.tasks import TASKS
 from lmtrain.data.tokenizer import Tokenizer, load_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -173,7 +175,8 @@ class TrainIterator:
         cfg = self.cfg
         name = _source_name(f"sources[{j}]" if m == 0 else f"stages (mixture {m}) sources[{j}]", src)
         if src.kind == "task":
-            task = src.make_task(**({"tokenizer": tokenizer} if src.task == "passkey" else {}))
+            takes_tokenizer = "tokenizer" in {f.name for f in dataclasses.fields(TASKS[src.task])}  # passkey
+            task = src.make_task(**({"tokenizer": tokenizer} if takes_tokenizer else {}))
             shortest = self.curriculum.buckets()[0]
             if shortest < task.min_length():
                 raise ValueError(f"{name}: the task needs rows of at least {task.min_length()} tokens, but the "

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from lmtrain.data import pipeline
 from lmtrain.data.config import CurriculumConfig, DataConfig, SourceConfig, StageConfig
 from lmtrain.data.curriculum import Curriculum
 from lmtrain.data.packing import FIELDS
@@ -161,6 +162,17 @@ def test_task_source_in_a_mixture_with_text(tmp_path):
                 kinds.append("text")
     assert 10 <= kinds.count("task") <= 30
     _resumes(cfg, 3, 4)
+
+
+def test_passkey_source_encodes_with_the_configured_tokenizer(monkeypatch):
+    class Shifted(ByteTokenizer):  # ids are bytes + 3
+        def encode(self, s):
+            return [b + 3 for b in s.encode()]
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", lambda cfg: Shifted())
+    batch = next(make_train_iterator(_cfg(SourceConfig(kind="task", task="passkey"), seq_len=128)))
+    text = bytes(int(i) - 3 for i in batch["inputs"][0]).decode()
+    assert "The pass key is" in text and "What is the pass key?" in text
 
 
 def test_task_source_needs_rows_long_enough():
