@@ -180,6 +180,7 @@ class DataConfig:
         rules = {  # field: (ok, requirement)
             "seq_len": (self.seq_len >= 1, ">= 1"),
             "global_batch_size": (self.global_batch_size >= 1, ">= 1"),
+            "seed": (self.seed >= 0, ">= 0 (it seeds numpy generators)"),
             "max_doc_tokens": (self.max_doc_tokens >= 1, ">= 1"),
             "worker_count": (self.worker_count >= 0, ">= 0"),
             "read_threads": (self.read_threads >= 1, ">= 1"),
