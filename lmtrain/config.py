@@ -18,11 +18,12 @@ import yaml
 
 from lmtrain import configlib
 from lmtrain.configlib import ConfigError, field
-from lmtrain.data.config import DataConfig
+from lmtrain.data.config import DataConfig, StageConfig, check_stages
+from lmtrain.data.curriculum import Curriculum
 from lmtrain.models.config import ModelConfig
 from lmtrain.train.checkpoint import CheckpointConfig
 from lmtrain.train.config import EvalConfig, TrainConfig
-from lmtrain.train.interventions import check_interventions
+from lmtrain.train.interventions import check_interventions, needs_carry
 from lmtrain.train.mesh import MeshConfig
 from lmtrain.train.metrics import LogConfig
 from lmtrain.train.optimizer import OptimizerConfig, ScheduleConfig
@@ -44,6 +45,9 @@ class Config:
     train: TrainConfig = field(TrainConfig(), "Steps, seed, accumulation, loss extras, NaN policy.")
     eval: EvalConfig = field(EvalConfig(), "Held-out evaluation.")
     log: LogConfig = field(LogConfig(), "Metrics, TensorBoard, progress bar, MFU peak.")
+    stages: tuple[StageConfig, ...] = field(
+        (), "Continual-pretraining stages (a list): from each start_step a new data mixture with replay and "
+            "a learning-rate re-warm / re-decay (see docs/length_generalization.md).")
 
     def validate(self) -> None:
         if "A" in self.model.pattern and self.model.window > self.data.seq_len:
@@ -53,9 +57,18 @@ class Config:
             raise ConfigError(f"model.max_len {self.model.max_len} < data.seq_len {self.data.seq_len}: "
                               "raise model.max_len")
         check_interventions(self.train.interventions, self.model)
+        check_stages(self.stages)
         if self.data.global_batch_size % self.train.grad_accum:
             raise ConfigError(f"data.global_batch_size {self.data.global_batch_size} is not divisible by "
                               f"train.grad_accum {self.train.grad_accum}")
+        curriculum = Curriculum(self.data)
+        if needs_carry(self.train.interventions) and len({rows for rows, _ in curriculum.shapes()}) > 1:
+            raise ConfigError("train.interventions: state_passing and tbptt carry each row's state to the next "
+                              "step, so every step needs the same rows; set data.curriculum.batch_mode: fixed_batch")
+        for rows, length in curriculum.shapes():
+            if rows % self.train.grad_accum:
+                raise ConfigError(f"the curriculum's {rows} rows at length {length} are not divisible by "
+                                  f"train.grad_accum {self.train.grad_accum}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -86,10 +99,13 @@ def check_runtime(cfg: Config, num_devices: int, batch_axes_size: int, tokenizer
         raise ConfigError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by the "
                           f"data-parallel size {batch_axes_size} (mesh data x fsdp on {num_devices} devices); "
                           "change the batch size or the mesh")
-    micro = cfg.data.global_batch_size // cfg.train.grad_accum
-    if micro % batch_axes_size:
-        raise ConfigError(f"the microbatch {micro} (global_batch_size / grad_accum) is not divisible by the "
-                          f"data-parallel size {batch_axes_size}; lower train.grad_accum")
+    for rows, length in Curriculum(cfg.data).shapes():
+        if rows % batch_axes_size:
+            raise ConfigError(f"the curriculum's {rows} rows at length {length} are not divisible by the "
+                              f"data-parallel size {batch_axes_size}; change the curriculum or the mesh")
+        if (rows // cfg.train.grad_accum) % batch_axes_size:
+            raise ConfigError(f"the microbatch {rows // cfg.train.grad_accum} (rows at length {length} / grad_accum) "
+                              f"is not divisible by the data-parallel size {batch_axes_size}; lower train.grad_accum")
     if tokenizer_vocab > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer_vocab} ids but model.vocab_size is "
                           f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer_vocab}")

@@ -110,3 +110,17 @@ def test_every_field_documented():
     rows = configlib.describe(Config)
     assert len(rows) > 50
     assert all(help_ for _, _, _, help_ in rows), [name for name, _, _, help_ in rows if not help_]
+
+
+def test_fixed_length_tuple_fields_coerce_each_item_with_its_type():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Pair:
+        pair: tuple[int, str] = (0, "")
+
+    assert configlib.from_dict(Pair, {"pair": [3, "x"]}).pair == (3, "x")
+    with pytest.raises(ConfigError, match=r"pair\[1\]: expected a string, got 4"):
+        configlib.from_dict(Pair, {"pair": [3, 4]})
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        configlib.from_dict(Pair, {"pair": [3]})

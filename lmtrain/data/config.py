@@ -115,7 +115,8 @@ class StageConfig:
     replay: float = configlib.field(
         0.0, help="fraction of rows drawn from the previous stage's sources (by their weights), in [0, 1)")
     lr: float = configlib.field(0.0, help="peak learning rate of the stage's re-warm; 0 = optimizer.lr")
-    warmup_steps: int = configlib.field(0, help="steps of the re-warm from 0 to lr")
+    warmup_steps: int = configlib.field(0, help="steps of the linear re-warm from the lr the previous "
+                                      "stage ended at to this stage's lr")
     min_lr_ratio: float = configlib.field(-1.0, help="the stage's final lr as a fraction of its peak; "
                                           "-1 = schedule.min_lr_ratio")
 

@@ -125,8 +125,10 @@ def bucket_multiples(opts: EvalOptions) -> list[float] | None:
 
 # ------------------------------------------------------------------------------------------ tasks
 def corpus_text(cfg: Any, chars: int = CORPUS_FILLER_CHARS) -> str:
-    """Up to `chars` characters of the run's held-out text (first source), as passkey filler."""
-    src_cfg = cfg.data.sources[0]
+    """Up to `chars` characters of the run's held-out text (first text source), as passkey filler."""
+    src_cfg = next((s for s in cfg.data.sources if s.kind != "task"), None)
+    if src_cfg is None:
+        raise ConfigError("passkey.filler=corpus: the run has no text source (only tasks); use passkey.filler=fixed")
     source = sources_lib.open_source(src_cfg)
     parts, n = [], 0
     for i in sources_lib.split_indices(source, cfg.data.heldout_fraction, heldout=True):

@@ -24,6 +24,7 @@ from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.models.flops import count_params, train_flops_per_token
 from lmtrain.train.checkpoint import Checkpointer, CheckpointRestoreError, PreemptionGuard
 from lmtrain.train.distributed import data_shard
+from lmtrain.train.interventions import tbptt_start
 from lmtrain.train.mesh import describe_mesh, make_mesh
 from lmtrain.train.metrics import MetricsWriter, device_peak_flops, mfu
 from lmtrain.train.optimizer import nonfinite_groups
@@ -110,7 +111,8 @@ def train(cfg: Config) -> dict[str, Any]:
     check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size)
     log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
     index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)  # the rows this process holds
-    data = make_train_iterator(cfg.data, process_index=index, process_count=count)
+    data = make_train_iterator(cfg.data, stages=cfg.stages, stream_from=tbptt_start(cfg.train.interventions),
+                               process_index=index, process_count=count)
     ckpt = Checkpointer(cfg.checkpoint.path(workdir), cfg.checkpoint)
     restored = restore_train_state(ckpt, trainer)
     if restored is None:
@@ -120,12 +122,11 @@ def train(cfg: Config) -> dict[str, Any]:
         if data_state is not None:  # None: written by another process count (see Checkpointer)
             data.set_state(data_state)
         log.info("resumed from step %d", step)
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = device_peak_flops(override=cfg.log.peak_flops)
     writer = MetricsWriter(workdir, cfg.log, cfg.train.steps, start_step=step)
     summary: dict[str, Any] = {"start_step": step, "preempted": False}
     start, window_t0, window_steps, compile_s = time.perf_counter(), time.perf_counter(), 0, None
+    window_tokens = window_flops = 0.0  # the curriculum may change the batch shape from step to step
     try:
         with PreemptionGuard() as guard:
             while step < cfg.train.steps:
@@ -134,21 +135,27 @@ def train(cfg: Config) -> dict[str, Any]:
                 state, metrics = trainer.train_step(state, batch)
                 step += 1
                 skipped = int(state.skipped)  # one scalar per step: the non-finite check
+                rows, length = batch["inputs"].shape
                 if compile_s is None:
                     compile_s, window_t0 = time.perf_counter() - t0, time.perf_counter()
                 else:
                     window_steps += 1
+                    window_tokens += rows * length
+                    window_flops += train_flops_per_token(cfg.model, length) * rows * length
                 if skipped:
                     _on_nonfinite(step, skipped, metrics, cfg)
                 if writer.should_log(step):
-                    elapsed = time.perf_counter() - window_t0
-                    step_s = elapsed / window_steps if window_steps else compile_s
+                    elapsed = time.perf_counter() - window_t0 if window_steps else compile_s
+                    if not window_steps:  # only the compiling step so far
+                        window_tokens = rows * length
+                        window_flops = train_flops_per_token(cfg.model, length) * rows * length
                     record = {k: float(v) for k, v in metrics.items() if k != "group_norms"}
-                    record.update(tokens_per_sec=tokens_per_step / step_s, step_time_s=step_s,
-                                  mfu=mfu(flops_per_step, step_s, mesh.devices.size, peak),
+                    record.update(tokens_per_sec=window_tokens / elapsed, step_time_s=elapsed / max(window_steps, 1),
+                                  seq_len=length, rows=rows,
+                                  mfu=mfu(window_flops, elapsed, mesh.devices.size, peak),
                                   **{f"data/{k}": v for k, v in data_stats(data.get_state()).items()})
                     summary["train"] = writer.write(step, record)
-                    window_t0, window_steps = time.perf_counter(), 0
+                    window_t0, window_steps, window_tokens, window_flops = time.perf_counter(), 0, 0.0, 0.0
                 if step == cfg.train.steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
                     summary["eval"] = writer.write(step, {f"eval/{k}": v for k, v in
                                                           evaluate(trainer, state.params, cfg).items()})

@@ -142,6 +142,7 @@ def make_schedule(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, total_ste
     if sched_cfg.kind not in SCHEDULES:
         raise ConfigError(f"schedule.kind: unknown '{sched_cfg.kind}'"
                           f"{configlib.did_you_mean(sched_cfg.kind, list(SCHEDULES))}")
+    stages = [s for s in stages if s.start_step < total_steps]  # a later stage is never reached
     bounds = [0, *(s.start_step for s in stages), total_steps]
     if any(b >= e for b, e in zip(bounds, bounds[1:])):
         raise ConfigError(f"stages: start steps {bounds[1:-1]} must increase and lie inside the "

@@ -83,8 +83,8 @@ class Trainer:
         abstract_vars = self.abstract_vars
         self.param_specs = nnx.to_pure_dict(mesh_lib.param_specs(abstract_vars, self.rules, mesh))
         self.abstract_params = nnx.to_pure_dict(abstract_vars)
-        self.tx = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps)
-        self.lr_schedule = make_schedule(cfg.optimizer, cfg.schedule, cfg.train.steps)
+        self.tx = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, cfg.stages)
+        self.lr_schedule = make_schedule(cfg.optimizer, cfg.schedule, cfg.train.steps, cfg.stages)
         named = lambda spec: NamedSharding(mesh, spec)
         replicated = named(PartitionSpec())
         param_sh = jax.tree.map(named, self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

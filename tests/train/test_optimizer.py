@@ -160,3 +160,27 @@ def _get(tree, path):
     for key in path:
         tree = tree[opt_lib.key_name(key)]
     return tree
+
+
+def test_stages_rewarm_from_the_last_lr_and_redecay():
+    from lmtrain.data.config import StageConfig
+
+    stages = (StageConfig(start_step=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.0),
+              StageConfig(start_step=500))  # after the end: never reached
+    sched = ScheduleConfig(kind="warmup_cosine", warmup_steps=10, min_lr_ratio=0.1)
+    f = jax.jit(opt_lib.make_schedule(OptimizerConfig(lr=2e-3), sched, 200, stages))
+    cos = lambda p: 0.5 * (1 + np.cos(np.pi * p))
+
+    def expected(t):
+        if t < 10:
+            return 2e-3 * t / 10
+        if t < 100:
+            return 2e-3 * (0.1 + 0.9 * cos((t - 10) / 90))
+        if t < 110:
+            return 2e-4 + (1e-3 - 2e-4) * (t - 100) / 10
+        return 1e-3 * cos((t - 110) / 90)
+
+    for t in (0, 5, 10, 50, 99, 100, 105, 110, 150, 200):
+        np.testing.assert_allclose(float(f(t)), expected(t), rtol=1e-5, atol=1e-9, err_msg=str(t))
+    with pytest.raises(ConfigError, match=r"stages\[0\] lasts 100 steps, shorter than its warmup_steps=150"):
+        opt_lib.make_schedule(OptimizerConfig(), sched, 200, (StageConfig(start_step=100, warmup_steps=150),))
