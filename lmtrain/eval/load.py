@@ -74,22 +74,13 @@ def load_run(workdir: str | Path, step: int | None = None, *, ema: bool = False,
         raise ValueError(f"{workdir} was trained without optimizer.ema_decay: it has no EMA parameters")
     one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
     trainer = Trainer(one_device, make_mesh(one_device.mesh, jax.devices()[:1]))
-    abstract = trainer.abstract_state()
     # Restore only the chosen step: a checkpointer whose retention keeps everything, read-only use.
     keep_all = dataclasses.replace(cfg.checkpoint, keep=0, keep_period=0, async_save=False)
     ckpt = Checkpointer(directory, keep_all)
     try:
-        if step is None:
-            restored = restore_train_state(ckpt, trainer)
-            assert restored is not None  # steps is not empty
-            step, state, _ = restored
-        else:  # Checkpointer has no public by-step restore; a step written before a carry was configured lacks it
-            try:
-                step, state, _ = ckpt._restore(step, abstract)
-            except Exception:  # noqa: BLE001 - retry without the carried state / statistics
-                if abstract.carry is None and abstract.stats is None:
-                    raise
-                step, state, _ = ckpt._restore(step, abstract._replace(carry=None, stats=None))
+        restored = restore_train_state(ckpt, trainer, step)
+        assert restored is not None  # steps is not empty
+        step, state, _ = restored
     finally:
         ckpt.close()
     params = state.ema if ema else state.params

@@ -204,7 +204,8 @@ class Checkpointer:
         of processes: the data shards differ, so the data iterator cannot continue where it was.
 
         `abstract_state` is the target: a tree of `jax.ShapeDtypeStruct`s carrying the shardings to
-        restore onto (e.g. `jax.eval_shape` output with shardings attached, or `abstract_like(state)`).
+        restore onto (e.g. `jax.eval_shape` output with shardings attached, or `abstract_like(state)`),
+        or a function of the step returning one.
         Unusable checkpoints newer than the one restored are moved aside (see the module docstring).
         """
         self.wait()
@@ -236,7 +237,13 @@ class Checkpointer:
             f"or optimizer config changed since they were written, restore with the original config or "
             f"start a new run directory; nothing was moved or deleted.") from failures[0][1]
 
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[int, Any, Any]:
+        """`(step, state, data_state)` of the given step (see `restore_latest`); nothing is moved aside."""
+        return self._restore(step, abstract_state)
+
     def _restore(self, step: int, abstract_state: Any) -> tuple[int, Any, Any]:
+        if callable(abstract_state):  # a target per step (e.g. from the step's metadata)
+            abstract_state = abstract_state(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(abstract_state)),
             data=_DataRestore(),

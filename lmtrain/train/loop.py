@@ -22,7 +22,7 @@ from lmtrain.config import Config, ConfigError, check_runtime, save_config
 from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_iterator, to_global_batch
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.models.flops import count_params, train_flops_per_token
-from lmtrain.train.checkpoint import Checkpointer, CheckpointRestoreError, PreemptionGuard
+from lmtrain.train.checkpoint import Checkpointer, PreemptionGuard
 from lmtrain.train.distributed import data_shard
 from lmtrain.train.interventions import tbptt_start
 from lmtrain.train.mesh import describe_mesh, make_mesh
@@ -67,21 +67,37 @@ def prepare_workdir(cfg: Config) -> Path:
     return workdir
 
 
-def restore_train_state(ckpt: Checkpointer, trainer: Trainer) -> tuple[int, TrainState, Any] | None:
-    """`Checkpointer.restore_latest` onto the trainer's state; a checkpoint written before the config
-    added a carried state or state statistics (an intervention switched on at resume) restores the
-    rest, and those start fresh."""
-    target = trainer.abstract_state()
-    try:
-        return ckpt.restore_latest(target)
-    except CheckpointRestoreError:
-        if target.carry is None and target.stats is None:
-            raise
-        restored = ckpt.restore_latest(target._replace(carry=None, stats=None))
+def state_fields(state: TrainState) -> dict[str, list[str]]:
+    """Checkpoint metadata naming the optional parts of the train state it holds (its layout)."""
+    return {"state_fields": [name for name in ("carry", "stats") if getattr(state, name) is not None]}
+
+
+def restore_train_state(ckpt: Checkpointer, trainer: Trainer, step: int | None = None
+                        ) -> tuple[int, TrainState, Any] | None:
+    """`Checkpointer.restore_latest` (or the given `step`) onto the trainer's state, each step read with
+    its own layout.
+
+    A checkpoint holding a carried state / state statistics the config no longer uses restores without
+    them; one written before the config added them (an intervention switched on at resume) restores
+    the rest, and they start fresh.
+    """
+    def target(step: int) -> TrainState:
+        fields = ckpt.metadata(step).get("state_fields", [])
+        return trainer.restore_target("carry" in fields, "stats" in fields)
+
+    restored = ckpt.restore_latest(target) if step is None else ckpt.restore_step(step, target)
+    if restored is None:
+        return None
     step, state, data_state = restored
-    log.warning("checkpoint of step %d has no carried state / state statistics (written before the "
-                "interventions that need them were configured); they start fresh", step)
-    return step, state._replace(**dict(zip(("carry", "stats"), trainer.fresh_extras()))), data_state
+    names, fresh = ("carry", "stats"), None
+    parts = {n: getattr(state, n) if on else None for n, on in zip(names, trainer.extras_configured)}
+    missing = [n for n, on in zip(names, trainer.extras_configured) if on and parts[n] is None]
+    if missing:
+        log.warning("checkpoint of step %d has no %s (written before the interventions that need it were "
+                    "configured); starting it fresh", step, " / ".join(missing))
+        fresh = dict(zip(names, trainer.fresh_extras()))
+        parts.update({n: fresh[n] for n in missing})
+    return step, state._replace(**parts), data_state
 
 
 def batch_axes_size(trainer: Trainer) -> int:
@@ -160,10 +176,11 @@ def train(cfg: Config) -> dict[str, Any]:
                     summary["eval"] = writer.write(step, {f"eval/{k}": v for k, v in
                                                           evaluate(trainer, state.params, cfg).items()})
                     window_t0 = time.perf_counter()
-                ckpt.maybe_save(step, state, data.get_state(), force=step == cfg.train.steps)
+                ckpt.maybe_save(step, state, data.get_state(), force=step == cfg.train.steps,
+                                metadata=state_fields(state))
                 if guard.should_stop():
                     log.warning("preempted at step %d: saving a checkpoint and stopping", step)
-                    ckpt.maybe_save(step, state, data.get_state(), force=True)
+                    ckpt.maybe_save(step, state, data.get_state(), force=True, metadata=state_fields(state))
                     summary["preempted"] = True
                     break
     finally:

@@ -91,12 +91,12 @@ class Trainer:
         opt_specs = opt_state_specs(self.tx, self.abstract_params, self.param_specs, PartitionSpec())
         opt_sh = jax.tree.map(named, opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         self.interventions = cfg.train.interventions
-        self.carry_rows = cfg.data.global_batch_size if iv.needs_carry(self.interventions) else 0
+        self.extras_configured = (iv.needs_carry(self.interventions), iv.needs_stats(self.interventions))
         batch_spec = logical_to_spec(("batch",), self.rules)
         rows_sh = lambda path, _: named(PartitionSpec(*([None] * batch_axis(path)), *batch_spec))
-        abstract_carry, abstract_stats = jax.eval_shape(self._extras)
-        carry_sh = jax.tree_util.tree_map_with_path(rows_sh, abstract_carry)
-        stats_sh = jax.tree.map(lambda _: replicated, abstract_stats)
+        carry, stats = jax.eval_shape(lambda: self._extras(True))  # shapes whether configured or not
+        self._any_extras = (jax.tree_util.tree_map_with_path(rows_sh, carry), jax.tree.map(lambda _: replicated, stats))
+        carry_sh, stats_sh = (sh if on else None for sh, on in zip(self._any_extras, self.extras_configured))
         self.state_sharding = TrainState(replicated, param_sh, opt_sh, replicated,
                                          param_sh if cfg.optimizer.ema_decay else None, replicated,
                                          carry_sh, stats_sh)
@@ -122,11 +122,13 @@ class Trainer:
         with use_rules(self.mesh, self.rules):
             return init()
 
-    def _extras(self) -> tuple[ModelState | None, iv.StateStats | None]:
-        """(carry, stats) at the start of training: zero states / statistics, or None if unused."""
+    def _extras(self, all_: bool = False) -> tuple[ModelState | None, iv.StateStats | None]:
+        """(carry, stats) at the start of training: zero states [global batch] and statistics; None where
+        the interventions do not use them (unless `all_`)."""
         model = nnx.merge(self.graphdef, self.abstract_vars)  # init_state needs no parameter values
-        carry = model.init_state(self.carry_rows) if self.carry_rows else None
-        stats = iv.init_stats(model.init_state(1)) if iv.needs_stats(self.interventions) else None
+        use_carry, use_stats = (True, True) if all_ else self.extras_configured
+        carry = model.init_state(self.cfg.data.global_batch_size) if use_carry else None
+        stats = iv.init_stats(model.init_state(1)) if use_stats else None
         return carry, stats
 
     def fresh_extras(self) -> tuple[ModelState | None, iv.StateStats | None]:
@@ -134,6 +136,14 @@ class Trainer:
         shardings = (self.state_sharding.carry, self.state_sharding.stats)
         with use_rules(self.mesh, self.rules):
             return jax.jit(self._extras, out_shardings=shardings)()
+
+    def restore_target(self, carry: bool, stats: bool) -> TrainState:
+        """`abstract_state()` with the carry / statistics present as given (a checkpoint's own layout)."""
+        target = self.abstract_state()
+        shapes = jax.eval_shape(lambda: self._extras(True))
+        abstract = [jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), x, sh)
+                    if on else None for x, sh, on in zip(shapes, self._any_extras, (carry, stats))]
+        return target._replace(carry=abstract[0], stats=abstract[1])
 
     def abstract_state(self) -> TrainState:
         """The train state's shapes, dtypes and shardings (the restore target)."""

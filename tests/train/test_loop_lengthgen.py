@@ -37,10 +37,13 @@ def test_lengthgen_run_resumes_exactly(tmp_path):
     assert int(second["state"].stats.count) == 2 * N
 
 
-def test_intervention_switched_on_at_resume_starts_fresh(tmp_path, caplog):
-    train(config(tmp_path, f"train.steps={N}"))
+def test_interventions_switched_at_resume(tmp_path, caplog):
+    """Checkpoints record their layout: a carry the new config drops is ignored, a missing one starts fresh."""
+    train(config(tmp_path, f"train.steps={N}", "train.interventions=[{kind: state_passing}]"))
+    out = train(config(tmp_path, f"train.steps={N + 1}"))
+    assert out["start_step"] == N and out["state"].carry is None
     caplog.set_level(logging.WARNING)
-    out = train(config(tmp_path, f"train.steps={N + 2}", "train.interventions=[{kind: state_passing}]"))
-    assert out["start_step"] == N and out["step"] == N + 2
-    assert "no carried state / state statistics" in caplog.text
+    out = train(config(tmp_path, f"train.steps={N + 2}", "train.interventions=[{kind: fitted_noise}]"))
+    assert out["start_step"] == N + 1 and out["step"] == N + 2 and int(out["state"].stats.count) == 1
+    assert "has no stats" in caplog.text
     assert records(tmp_path)[N + 2]["intervened_rows"] == 1.0
