@@ -238,14 +238,13 @@ class TrainIterator:
         if "mixtures" not in state or [len(srcs) for srcs in state["mixtures"]] != shape:
             raise ValueError(f"the data state does not match this data config (sources per mixture {shape}; the "
                              f"state has keys {sorted(state)}): resume with the same data.sources and stages")
-        if (state["streams"] is None) != (self._streams is None):
-            raise ValueError("the data state was saved with stream mode "
-                             f"{'on' if state['streams'] is not None else 'off'}; resume with the same stream_from")
         self.step = int(state["step"])
         for srcs, states in zip(self._mixtures, state["mixtures"]):
             for src, src_state in zip(srcs, states):
                 src.set_state(src_state)
-        if self._streams is not None:
+        # Stream mode switched on at resume (e.g. TBPTT post-training from a plain checkpoint): the streams
+        # start fresh; switched off: rows are packed again from the mixtures' positions.
+        if self._streams is not None and state["streams"] is not None:
             self._streams.set_state(state["streams"], lambda key: self._mixtures[key[0]][key[1]].documents.read(key[2]))
 
     def close(self) -> None:

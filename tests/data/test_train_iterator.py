@@ -283,5 +283,18 @@ def test_state_of_another_config_is_refused(tmp_path):
         other.set_state(state)
     with pytest.raises(ValueError, match="does not match this data config"):
         it.set_state({"parent": {"next_index": 3}, "offset": 0, "counts": {}})  # the old grain layout
-    with pytest.raises(ValueError, match="stream mode off"):
-        make_train_iterator(_cfg(_corpus(tmp_path, name="z")), stream_from=0).set_state(state)
+
+
+def test_stream_mode_switched_on_at_resume(tmp_path):
+    """A plain run's state resumed with stream_from = its step (TBPTT post-training from a plain
+    checkpoint) continues exactly as a run that had stream_from from the start."""
+    cfg = _cfg(_corpus(tmp_path))
+    plain = make_train_iterator(cfg)
+    _take(plain, 2)
+    resumed = make_train_iterator(cfg, stream_from=2)
+    resumed.set_state(json.loads(json.dumps(plain.get_state())))
+    straight = make_train_iterator(cfg, stream_from=2)
+    expected = _take(straight, 5)[2:]
+    for got, want in zip(_take(resumed, 3), expected, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
