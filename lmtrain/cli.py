@@ -41,6 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
     from lmtrain.config import check_runtime, load_config
+    from lmtrain.data.curriculum import Curriculum
     from lmtrain.data.tokenizer import load_tokenizer
     from lmtrain.models.flops import count_params, train_flops_per_token
     from lmtrain.train.loop import batch_axes_size
@@ -57,11 +58,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"training FLOPs per token: {flops:.4g} ({flops * cfg.data.seq_len * cfg.data.global_batch_size:.4g} "
           "per step)")
     print(f"mesh: {describe_mesh(mesh)}")
-    shape = (cfg.data.global_batch_size, cfg.data.seq_len)
-    mem = trainer.compiled_memory({k: np.zeros(shape, np.int32) for k in BATCH_KEYS})
     gib = 2.0**30
-    print(f"compiled train step memory per device: temp {mem.temp_size_in_bytes / gib:.3f} GiB, "
-          f"arguments {mem.argument_size_in_bytes / gib:.3f} GiB, output {mem.output_size_in_bytes / gib:.3f} GiB")
+    for shape in Curriculum(cfg.data).shapes():  # one compilation per batch shape of the curriculum
+        mem = trainer.compiled_memory({k: np.zeros(shape, np.int32) for k in BATCH_KEYS})
+        print(f"compiled train step [{shape[0]} rows x {shape[1]} tokens] memory per device: temp "
+              f"{mem.temp_size_in_bytes / gib:.3f} GiB, arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
+              f"output {mem.output_size_in_bytes / gib:.3f} GiB")
     print("config OK")
     return 0
 

@@ -80,9 +80,14 @@ def test_check_reports_size_flops_mesh_memory(capsys, monkeypatch):
     assert f"parameters: {count_params(cfg.model):,}\n" in out
     assert re.search(r"training FLOPs per token: [\d.e+]+ \([\d.e+]+ per step\)", out)
     assert re.search(r"mesh: mesh data=1 fsdp=1 tensor=1 over 1 \w+ devices?", out)
-    assert re.search(r"compiled train step memory per device: temp [\d.]+ GiB, arguments [\d.]+ GiB", out)
+    assert re.search(r"compiled train step \[8 rows x 32 tokens\] memory per device: temp [\d.]+ GiB, "
+                     r"arguments [\d.]+ GiB", out)
     assert out.rstrip().endswith("config OK")
     assert "width: 32" in out  # the resolved config is printed
+    curriculum = "data.curriculum={kind: staged, bucket: 16, stages: [[5, 16], [10, 32]]}"
+    assert main(["check", "configs/demo.yaml", *TINY, curriculum]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"compiled train step \[(\d+) rows x (\d+) tokens\]", out) == [("16", "16"), ("8", "32")]
 
 
 def test_bad_key_exits_2_with_did_you_mean(env, tmp_path):
