@@ -186,7 +186,8 @@ class TrainIterator:
         patience = min(4 * len(docs) * max(1, cfg.worker_count), 10_000)  # reads without a usable doc
         order = docs.shuffle(seed=_seed(cfg.seed, j) if m == 0 else _seed(cfg.seed, m, j)).repeat()
         documents = Documents(order, name, patience, cfg.max_doc_tokens, _read_options(cfg), cfg.worker_count)
-        return TextRows(documents, self._pad_id, cfg.max_doc_tokens)
+        lanes = max(rows for rows, _ in self.curriculum.shapes()) // self.process_count  # one per row of a step
+        return TextRows(documents, self._pad_id, cfg.max_doc_tokens, lanes)
 
     @staticmethod
     def _weighted(mixtures: list, m: int, share: float) -> list[tuple[tuple[int, int], float]]:

@@ -1,7 +1,7 @@
 """Row sources for the training iterator: rows at any length, from documents or synthetic tasks.
 
     Documents   one source's endless shuffled document order on this process (grain reads and tokenizes)
-    TextRows    packs a Documents into rows; `next_row(length)` may change length every call
+    TextRows    packs a Documents into rows, one lane per row of a step; `next_row(length)` may change length
     TaskRows    one synthetic-task example per row, generated at the requested length
     Streams     truncated-BPTT streams: row r of each call continues row r of the previous call
 
@@ -90,31 +90,45 @@ class Documents:
 
 
 class TextRows:
-    """Rows packed from a Documents (see packing.Packer); state adds the partly packed document."""
+    """Rows packed from a Documents by `lanes` packers in turn (see packing.Packer).
 
-    def __init__(self, documents: Documents, pad_id: int, max_doc_tokens: int):
+    Each lane packs its own documents (dealt from the shared order as lanes need them), so the rows of
+    one step come from `lanes` different documents instead of consecutive pieces of one long
+    document. State adds each lane's partly packed document and whose turn it is.
+    """
+
+    def __init__(self, documents: Documents, pad_id: int, max_doc_tokens: int, lanes: int = 1):
         self.documents = documents
-        self.packer = Packer(1, pad_id, max_doc_tokens)
-        self.doc_index = 0
-
-    def _pull(self) -> np.ndarray:
-        self.doc_index, tokens_N = self.documents.pull()
-        return tokens_N
+        self.packers = [Packer(1, pad_id, max_doc_tokens) for _ in range(lanes)]
+        self.doc_index = [0] * lanes
+        self.turn = 0
 
     def next_row(self, length: int) -> Row:
-        return self.packer.next_row(self._pull, length)
+        lane = self.turn
+        self.turn = (self.turn + 1) % len(self.packers)
+
+        def pull() -> np.ndarray:
+            self.doc_index[lane], tokens_N = self.documents.pull()
+            return tokens_N
+
+        return self.packers[lane].next_row(pull, length)
 
     def get_state(self) -> dict[str, Any]:
-        busy = self.packer.doc_N is not None
-        return {**self.documents.get_state(), "doc": self.doc_index if busy else None,
-                "offset": self.packer.offset if busy else 0}
+        lanes = [{"doc": i if p.doc_N is not None else None, "offset": p.offset if p.doc_N is not None else 0}
+                 for p, i in zip(self.packers, self.doc_index)]
+        return {**self.documents.get_state(), "turn": self.turn, "lanes": lanes}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if len(state.get("lanes", ())) != len(self.packers):
+            raise ValueError(f"the data state packs {len(state.get('lanes', ()))} rows per source at a time, this "
+                             f"iterator {len(self.packers)}; resume with the same global_batch_size and process count")
         self.documents.set_state(state)
-        self.packer.doc_N, self.packer.offset = None, 0
-        if state["doc"] is not None:
-            self.doc_index = int(state["doc"])
-            self.packer.doc_N, self.packer.offset = self.documents.read(self.doc_index), int(state["offset"])
+        self.turn = int(state["turn"])
+        for lane, (p, s) in enumerate(zip(self.packers, state["lanes"])):
+            p.doc_N, p.offset = None, 0
+            if s["doc"] is not None:
+                self.doc_index[lane] = int(s["doc"])
+                p.doc_N, p.offset = self.documents.read(self.doc_index[lane]), int(s["offset"])
 
     def close(self) -> None:
         self.documents.close()

@@ -243,10 +243,14 @@ def test_stream_mode_errors(tmp_path):
         make_train_iterator(_cfg(SourceConfig(kind="task", task="mqar")), stream_from=5)
 
 
-def _doc_ids(batches, stream):
-    """Documents named in the pair stream: rows in order (packed), or each row across steps (streams)."""
-    texts = ([TOK.decode(s["inputs"]) for s in _streams(batches)] if stream
-             else [TOK.decode(np.concatenate([row for b in batches for row in b["inputs"]]))])
+def _doc_ids(batches, stream, lanes=1):
+    """Documents named in the pair streams: each row across steps (streams), or each packing lane's rows in
+    order (packed: a source's rows come from `lanes` packers in turn)."""
+    if stream:
+        texts = [TOK.decode(s["inputs"]) for s in _streams(batches)]
+    else:
+        rows = [row for b in batches for row in b["inputs"]]
+        texts = [TOK.decode(np.concatenate(rows[lane::lanes])) for lane in range(lanes)]
     return {int(m) for text in texts for m in MARKER.findall(text)}
 
 
@@ -259,7 +263,8 @@ def test_processes_read_disjoint_shards_with_a_curriculum(tmp_path, stream_from)
         batches = _take(make_train_iterator(cfg, stream_from=stream_from, process_index=p, process_count=2), 100)
         rows = Curriculum(cfg).rows_at(0) // 2
         assert batches[0]["inputs"].shape == (rows, 8)
-        per_process.append(_doc_ids(batches, stream_from is not None))
+        lanes = max(r for r, _ in Curriculum(cfg).shapes()) // 2
+        per_process.append(_doc_ids(batches, stream_from is not None, lanes))
     assert not per_process[0] & per_process[1]
     assert per_process[0] | per_process[1] == set(range(120))
 
@@ -298,3 +303,17 @@ def test_stream_mode_switched_on_at_resume(tmp_path):
     for got, want in zip(_take(resumed, 3), expected, strict=True):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_rows_of_a_step_come_from_different_documents(tmp_path):
+    """Each row of a step is packed by its own lane: long documents do not fill whole batches."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i:04d}.txt").write_text(f"<{i:04d}>" * 30)  # 180 bytes: several rows of 16
+    cfg = _cfg(SourceConfig(kind="text", path=str(folder / "*.txt")), seq_len=16, global_batch_size=8)
+    it = make_train_iterator(cfg)
+    for batch in _take(it, 3):
+        firsts = [MARKER.search(TOK.decode(row)) for row in batch["inputs"]]
+        named = [m.group(1) for m in firsts if m]
+        assert len(named) >= 6 and len(set(named)) == len(named)  # 8 rows, 8 documents
