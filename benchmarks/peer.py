@@ -10,7 +10,9 @@ One step = forward + backward + AdamW (optax) update of all parameters, next-tok
 float32, jitted with parameters and optimizer state donated. The peer is
 `recurrentgemma.jax.griffin.Griffin` as shipped (gradient_checkpointing=True: every residual block
 rematerialised) and with gradient_checkpointing=False. Each `--ours` is a comma-separated list of
-ModelConfig overrides of our model ("" = the shipped defaults). All models start from the same
+ModelConfig overrides of our model ("" = the shipped defaults); our loss is
+`lmtrain.models.loss.chunked_cross_entropy` on `model.hidden(...)` (the key `loss_chunk` sets its
+chunk; `loss_chunk=0` computes full logits with `model(...)` instead). All models start from the same
 weights (Griffin's initializer, loaded into ours with lmtrain.export.recurrentgemma), so their
 first losses agree. After `--warmup` steps each, the models are timed in interleaved rounds (one
 step of each per round, so load from other processes hits all alike); medians over `--steps`
@@ -54,6 +56,9 @@ from flax import nnx
 
 from lmtrain.export.recurrentgemma import load_recurrentgemma, model_config_to_griffin_config
 from lmtrain.models import LanguageModel, ModelConfig
+from lmtrain.models.loss import chunked_cross_entropy
+
+LOSS_CHUNK = 256  # positions per chunk of our loss (`--ours loss_chunk=0`: the plain logits path)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -248,12 +253,20 @@ def main() -> None:
 
     runners = []
     for spec in args.ours or [""]:
-        variant = ModelConfig(**{**vars(cfg), **parse_overrides(spec)})
+        overrides = parse_overrides(spec)
+        loss_chunk = overrides.pop("loss_chunk", LOSS_CHUNK)
+        variant = ModelConfig(**{**vars(cfg), **overrides})
         model = load_recurrentgemma(nnx.eval_shape(lambda v=variant: LanguageModel(v, rngs=nnx.Rngs(0))), params)
         graphdef, state = nnx.split(model)
 
-        def ours_loss(state, x, y, graphdef=graphdef):
-            return cross_entropy(nnx.merge(graphdef, state)(x)[0], y)
+        def ours_loss(state, x, y, graphdef=graphdef, loss_chunk=loss_chunk):
+            model = nnx.merge(graphdef, state)
+            if not loss_chunk:  # the plain path: full [B, T, V] logits
+                return cross_entropy(model(x)[0], y)
+            total, _ = chunked_cross_entropy(model.hidden(x)[0], model.embedder.embedding[...], y,
+                                             jnp.ones(y.shape, bool), softcap=model.cfg.logit_softcap,
+                                             chunk=loss_chunk)
+            return total / y.size
 
         runners.append(Runner(f"lmtrain {spec or 'defaults'}", ours_loss, state, opt))
     for remat in filter(None, args.peer_remat.split(",")):

@@ -29,7 +29,7 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], dtype: jnp.dtype,
 
 
 class Linear(nnx.Module):
-    """y_...xO = x_...xI @ kernel_IxO (+ bias_O), computed in `dtype`."""
+    """y_NxO = x_NxI @ kernel_IxO (+ bias_O), computed in `dtype`; N stands for any leading dims."""
 
     def __init__(self, in_dim: int, out_dim: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
                  use_bias: bool = True, init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
@@ -39,9 +39,13 @@ class Linear(nnx.Module):
                      if use_bias else None)
         self.dtype = dtype
 
-    def __call__(self, x_ND: jax.Array) -> jax.Array:
-        y = jnp.dot(x_ND.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+    def __call__(self, x_NxI: jax.Array) -> jax.Array:
+        # As a 2-D [rows, I] @ [I, O]: XLA:CPU then computes the kernel gradient x^T @ dy without
+        # first transposing dy (it does for a [B, T, I] operand: measured ~40% slower MLP fwd+bwd).
+        x_MxI = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(self.dtype)
+        y_MxO = jnp.dot(x_MxI, self.kernel[...].astype(self.dtype))
+        y_NxO = y_MxO.reshape(*x_NxI.shape[:-1], y_MxO.shape[-1])
+        return y_NxO if self.bias is None else y_NxO + self.bias[...].astype(self.dtype)
 
 
 class BlockDiagonal(nnx.Module):
@@ -54,11 +58,14 @@ class BlockDiagonal(nnx.Module):
         self.bias = param(rngs, jax.nn.initializers.zeros, (blocks, size), param_dtype, ("heads", None))
         self.blocks, self.dtype = blocks, dtype
 
-    def __call__(self, x_BxTxL: jax.Array) -> jax.Array:
-        x_BxTxHxI = x_BxTxL.reshape(*x_BxTxL.shape[:-1], self.blocks, -1).astype(self.dtype)
-        y_BxTxHxI = jnp.einsum("...hi,hij->...hj", x_BxTxHxI, self.kernel[...].astype(self.dtype))
-        y_BxTxHxI = y_BxTxHxI + self.bias[...].astype(self.dtype)
-        return y_BxTxHxI.reshape(x_BxTxL.shape)
+    def __call__(self, x_NxL: jax.Array) -> jax.Array:
+        # One 2-D matmul per block on a column slice: on XLA:CPU ~1.7x faster (fwd+bwd) than a batched
+        # einsum over a [..., H, I] view, which transposes the block axis to the front and back.
+        x_MxL = x_NxL.reshape(-1, x_NxL.shape[-1]).astype(self.dtype)
+        kernel_HxIxI, size = self.kernel[...].astype(self.dtype), x_NxL.shape[-1] // self.blocks
+        y_MxL = jnp.concatenate([x_MxL[:, h * size:(h + 1) * size] @ kernel_HxIxI[h] for h in range(self.blocks)],
+                                axis=1)
+        return (y_MxL + self.bias[...].reshape(-1).astype(self.dtype)).reshape(x_NxL.shape)
 
 
 class RMSNorm(nnx.Module):

@@ -1,7 +1,12 @@
 """`LanguageModel`: embeddings, layers from a cycled pattern string, tied output projection.
 
     logits_BxTxV, state = model(tokens_BxT, segment_ids=None, positions=None, state=None)
+    hidden_BxTxD, state = model.hidden(tokens_BxT, ...)   # final normed hidden states; same args
+    logits_BxTxV = model.logits(hidden_BxTxD)
     state = model.init_state(batch_size)
+
+For training, `lmtrain.models.loss.chunked_cross_entropy(hidden_BxTxD, model.embedder.embedding[...],
+...)` computes the loss from `hidden` without materialising the [B, T, V] logits.
 
 Running a sequence in one call equals running it in pieces with the state passed along, and
 equals token-by-token decoding. `segment_ids` mark documents: every layer resets where the id
@@ -141,6 +146,13 @@ class LanguageModel(nnx.Module):
                  positions: jax.Array | None = None,
                  state: ModelState | None = None) -> tuple[jax.Array, ModelState]:
         """tokens_BxT int -> logits_BxTxV float32 and the state after the last token."""
+        hidden_BxTxD, state = self.hidden(tokens_BxT, segment_ids, positions, state)
+        return self.logits(hidden_BxTxD), state
+
+    def hidden(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               state: ModelState | None = None) -> tuple[jax.Array, ModelState]:
+        """tokens_BxT int -> final normed hidden states hidden_BxTxD (compute dtype) and the state."""
         self._check_inputs(tokens_BxT, segment_ids, positions)
         if state is not None:
             self._check_state(state, tokens_BxT.shape[0])
@@ -154,12 +166,16 @@ class LanguageModel(nnx.Module):
         for block, s in zip(self.tail, tail_states):
             x_BxTxD, s = self._apply(nnx.split(block), x_BxTxD, ctx, s)
             new_tail.append(s)
-        logits_BxTxV = self.embedder.decode(self.final_norm(x_BxTxD))
+        hidden_BxTxD = constrain(self.final_norm(x_BxTxD), ("batch", "length", "embed"))
+        return hidden_BxTxD, ModelState(next_pos_B, last_seg_B, tuple(group_states), tuple(new_tail))
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """hidden_BxTxD -> logits_BxTxV float32 (tied output projection, tanh soft-cap)."""
+        logits_BxTxV = self.embedder.decode(hidden_BxTxD)
         if self.cfg.logit_softcap:
             cap = self.cfg.logit_softcap
             logits_BxTxV = jnp.tanh(logits_BxTxV / cap) * cap
-        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
-        return logits_BxTxV, ModelState(next_pos_B, last_seg_B, tuple(group_states), tuple(new_tail))
+        return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
     def _apply(self, split_block: tuple, x_BxTxD: jax.Array, ctx: SeqContext, state: Any) -> tuple:
         """One residual block from its (graphdef, params), rematerialised as configured."""
