@@ -91,7 +91,8 @@ class Attention(nnx.Module):
         self.v = Linear(d, kv * h, ("embed", "kv"), use_bias=False, **kw)
         self.out = Linear(n * h, d, ("heads", "embed"), init_scale=2.0 / cfg.num_layers, **kw)
         self.n, self.kv, self.h = n, kv, h
-        self.span, self.block = self.cache_len(cfg), cfg.attn_block or self.cache_len(cfg)
+        self.span = self.cache_len(cfg)
+        self.block = min(cfg.attn_block or self.span, self.span)
         self.rope_base, self.rope_fraction = cfg.rope_base, cfg.rope_fraction
 
     @staticmethod

@@ -25,8 +25,8 @@ class ModelConfig:
     num_kv_heads: int = field(1, "Key/value heads (1 = multi-query, num_heads = multi-head, else grouped).")
     head_dim: int = field(0, "Attention head dim; 0 means width // num_heads.")
     window: int = field(256, "Local attention window W: a query attends to itself and the W tokens before it.")
-    attn_block: int = field(128, "Query block size of blockwise attention: each block of this many queries "
-                                 "scores window + attn_block keys; 0 means `window`.")
+    attn_block: int = field(128, "Query block size of blockwise attention (at most the window): each block "
+                                 "of this many queries scores window + attn_block keys; 0 means `window`.")
     max_len: int = field(8192, "Context (KV-cache size) of global-attention (G) layers.")
     rope_base: float = field(10_000.0, "RoPE maximum wavelength.")
     rope_fraction: float = field(0.5, "Fraction of each head's dims rotated by RoPE (recurrentgemma: 0.5).")

@@ -69,6 +69,7 @@ def _scan_chunks(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT, softcap, ch
     (NLL, total) (K = 2) or of both at once (K = 1, when z_loss = 0 they are equal)."""
     (b, t, d), v = hidden_BxTxD.shape, embedding_VxD.shape[0]
     k = 2 if z_loss else 1
+    embedding_VxD = embedding_VxD.astype(hidden_BxTxD.dtype)
 
     def body(carry: tuple, xs: tuple) -> tuple:
         hidden_MxD, targets_M, mask_M = xs
@@ -98,8 +99,7 @@ def _cross_entropy(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT, softcap, 
 
 
 def _forward(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT, softcap, chunk, z_loss):
-    sums, grads = _scan_chunks(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT, softcap, chunk, z_loss, True)
-    return sums, grads
+    return _scan_chunks(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT, softcap, chunk, z_loss, True)
 
 
 def _backward(softcap, chunk, z_loss, residuals, cotangents):
@@ -108,8 +108,7 @@ def _backward(softcap, chunk, z_loss, residuals, cotangents):
     # K = 2: rows are (NLL, total); K = 1: both outputs have the same gradient.
     g_K = jnp.stack([g_nll, g_total]) if z_loss else jnp.stack([g_nll + g_total])
     d_hidden = jnp.einsum("k,k...->...", g_K.astype(d_hidden_KxBxTxD.dtype), d_hidden_KxBxTxD)
-    d_embedding_VxD = jnp.einsum("k,kdv->vd", g_K, d_embedding_KxDxV).astype(d_hidden.dtype)  # as hidden
-    return d_hidden, d_embedding_VxD, None, None
+    return d_hidden, jnp.einsum("k,kdv->vd", g_K, d_embedding_KxDxV), None, None
 
 
 _cross_entropy.defvjp(_forward, _backward)
@@ -124,7 +123,6 @@ def chunked_cross_entropy(hidden_BxTxD: jax.Array, embedding_VxD: jax.Array, tar
     `Embedder.decode`), then `softcap * tanh(logits / softcap)` if softcap > 0; log-softmax and the
     loss are float32. Gradients flow to hidden and embedding.
     """
-    chunk = min(chunk, hidden_BxTxD.shape[1])
-    embedding_VxD = embedding_VxD.astype(hidden_BxTxD.dtype)
-    return _cross_entropy(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT.astype(jnp.float32),
-                          float(softcap), chunk, float(z_loss))
+    return _cross_entropy(hidden_BxTxD, embedding_VxD.astype(jnp.float32), targets_BxT,
+                          mask_BxT.astype(jnp.float32), float(softcap), min(chunk, hidden_BxTxD.shape[1]),
+                          float(z_loss))
