@@ -14,7 +14,8 @@ the switch). All runs are then evaluated with `lmtrain eval` (loss vs position u
 RMS of the final recurrent states the baseline logged at the switch step (`state_rms` metric).
 
 `passkey`: the same, with 25% of the training rows passkey examples (a `task` source, loss on the
-answer), for no intervention and `--variant`; evaluated on passkey at 1x, 8x, 32x.
+answer; `--text-weight 0`: only passkey), for no intervention and `--variant`; evaluated on passkey at
+1x, 8x, 32x.
 
 `curriculum`: Griffin at T = 512, equal tokens: a staged curriculum (128 for the first half of the
 steps, constant tokens per step) vs 512 from the start; final held-out loss at 512 and wall-clock.
@@ -44,7 +45,7 @@ VARIANTS = {  # name -> interventions from the switch step S (noise: sigma fille
     "state_passing": "[{{kind: state_passing, start_step: {S}}}]",
     "tbptt": "[{{kind: tbptt, start_step: {S}}}]",
 }
-PASSKEY_SOURCES = "[{kind: stdlib, weight: 3.0}, {kind: task, task: passkey, loss_on: answer, weight: 1.0}]"
+PASSKEY = "{kind: task, task: passkey, loss_on: answer, weight: 1.0}"
 
 
 def finished(workdir: Path, steps: int) -> bool:
@@ -119,9 +120,9 @@ def table(dirs: dict[str, Path]) -> str:
     return header + "\n" + "\n".join(lines)
 
 
-def evaluate(dirs: dict[str, Path], out: Path, tasks: str = "passkey") -> dict:
-    options = ["length=64x", "buckets=1,8,64", "sequences=8", "batch=8", f"tasks={tasks}",
-               "task_lengths=1x,8x,32x", "samples=32", f"out={out}"]
+def evaluate(dirs: dict[str, Path], out: Path, longctx: bool = True) -> dict:
+    options = ["length=64x", "buckets=1,8,64", "sequences=8", "batch=8", "tasks=passkey",
+               "task_lengths=1x,8x,32x", "samples=32", f"out={out}", f"longctx={str(longctx).lower()}"]
     return run_eval([str(d) for d in dirs.values()], options)
 
 
@@ -133,12 +134,14 @@ def cmd_interventions(args: argparse.Namespace) -> None:
 
 
 def cmd_passkey(args: argparse.Namespace) -> None:
-    out = args.out / "passkey"
-    extra = [f"data.sources={PASSKEY_SOURCES}"]
+    text = f"{{kind: stdlib, weight: {args.text_weight}}}, " if args.text_weight else ""
+    out = args.out / ("passkey" if args.text_weight else "passkey_only")
+    extra = [f"data.sources=[{text}{PASSKEY}]"]
     dirs = intervention_runs(args.model, args.pretrain, args.post, out, ["none", args.variant], extra)
-    report = evaluate(dirs, out / args.model / "compare")
+    report = evaluate(dirs, out / args.model / "compare", longctx=bool(args.text_weight))
     print(report["markdown"])
-    print(table(dirs))
+    if args.text_weight:
+        print(table(dirs))
 
 
 def cmd_curriculum(args: argparse.Namespace) -> None:
@@ -169,6 +172,8 @@ def main() -> None:
         p.add_argument("--post", type=int, default=200, help="post-training steps with the intervention")
         p.add_argument("--variants", nargs="+", default=list(VARIANTS))
         p.add_argument("--variant", default="state_passing", help="passkey: the intervention compared with none")
+        p.add_argument("--text-weight", type=float, default=3.0,
+                       help="passkey: weight of the built-in corpus next to passkey's 1 (0: passkey only)")
         p.add_argument("--out", type=Path, default=Path("runs/lengthgen"))
         p.set_defaults(func=fn)
     args = parser.parse_args()
