@@ -20,6 +20,9 @@ class TrainConfig:
     max_skipped_steps: int = field(
         5, "Non-finite loss or gradients skip the update; after this many consecutive skips the run "
            "stops with a diagnostic naming the step and the offending parameter group.")
+    loss_chunk: int = field(256, "Positions per chunk of the fused output projection + cross-entropy "
+                                 "(lmtrain.models.loss), which never forms the whole [B, T, V] logits; 0 = plain "
+                                 "logits then cross-entropy.")
     interventions: tuple[InterventionConfig, ...] = field(
         (), "Initial-state interventions for length generalization (a list; see docs/length_generalization.md), "
             "e.g. [{kind: state_passing, start_step: 900}].")
@@ -27,8 +30,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0:
             raise ConfigError(f"steps and grad_accum must be positive, got {self.steps}, {self.grad_accum}")
-        if self.max_skipped_steps < 0 or self.z_loss < 0:
-            raise ConfigError("max_skipped_steps and z_loss must be >= 0")
+        if self.max_skipped_steps < 0 or self.z_loss < 0 or self.loss_chunk < 0:
+            raise ConfigError("max_skipped_steps, z_loss and loss_chunk must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

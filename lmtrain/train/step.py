@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.config import Config
 from lmtrain.models import LanguageModel
+from lmtrain.models.loss import chunked_cross_entropy
 from lmtrain.models.model import ModelState
 from lmtrain.sharding import logical_to_spec, use_rules
 from lmtrain.train import interventions as iv
@@ -161,10 +162,15 @@ class Trainer:
     def _loss(self, params: Any, batch: dict, state0: ModelState | None = None
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, ModelState]]:
         """(loss sum incl. z-loss, (NLL sum, token count, final model state)) from initial state `state0`."""
-        model = self.model(params)
-        logits, final = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                              state=state0)
-        total, nll = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss)
+        model, train = self.model(params), self.cfg.train
+        hidden, final = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                     state=state0)
+        if train.loss_chunk:  # fused output projection + cross-entropy, never the whole [B, T, V] logits
+            total, nll = chunked_cross_entropy(hidden, model.embedder.embedding[...], batch["targets"],
+                                               batch["loss_mask"], softcap=self.cfg.model.logit_softcap,
+                                               chunk=train.loss_chunk, z_loss=train.z_loss)
+        else:
+            total, nll = cross_entropy(model.logits(hidden), batch["targets"], batch["loss_mask"], train.z_loss)
         count = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
         return total, (nll, count, final)
 
