@@ -3,7 +3,8 @@
     python benchmarks/memory.py                                # T = 2k, 8k, 32k
     python benchmarks/memory.py --seq-lens 1024,4096 --no-peer # quick
 
-For each model and T the train step of benchmarks/peer.py (forward + backward + AdamW, f32) is
+For each model and T the train step of benchmarks/peer.py (forward + backward + AdamW, f32; the
+loss on full logits for every model, i.e. our model's `loss_chunk=0` variant there) is
 lowered on abstract inputs and compiled — nothing is run or allocated — and the compiled program's
 `memory_analysis().temp_size_in_bytes` (everything but the arguments and outputs: activations
 kept for the backward pass, gradients in flight, workspace) is reported with its ratio to the

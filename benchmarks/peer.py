@@ -2,7 +2,7 @@
 
     python benchmarks/peer.py                                    # width 256, 6 layers RRA, T=2048, B=4
     python benchmarks/peer.py --seq-len 256 --batch 2 --steps 3  # quick run
-    python benchmarks/peer.py --ours "" --ours "scan_layers=False,attn_block=128"  # our variants
+    python benchmarks/peer.py --ours "" --ours "scan_layers=True" --ours "loss_chunk=0"  # our variants
     python benchmarks/peer.py --profile 25                       # + where each step's time goes
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/peer.py  # transparent huge pages
 

@@ -40,8 +40,8 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_NxI: jax.Array) -> jax.Array:
-        # As a 2-D [rows, I] @ [I, O]: XLA:CPU then computes the kernel gradient x^T @ dy without
-        # first transposing dy (it does for a [B, T, I] operand: measured ~40% slower MLP fwd+bwd).
+        # As a 2-D [rows, I] @ [I, O]: XLA:CPU then computes the kernel gradient x^T @ dy without first
+        # writing a transposed copy of dy, as it does for a [B, T, I] operand (docs/performance.md).
         x_MxI = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(self.dtype)
         y_MxO = jnp.dot(x_MxI, self.kernel[...].astype(self.dtype))
         y_NxO = y_MxO.reshape(*x_NxI.shape[:-1], y_MxO.shape[-1])
@@ -59,8 +59,8 @@ class BlockDiagonal(nnx.Module):
         self.blocks, self.dtype = blocks, dtype
 
     def __call__(self, x_NxL: jax.Array) -> jax.Array:
-        # One 2-D matmul per block on a column slice: on XLA:CPU ~1.7x faster (fwd+bwd) than a batched
-        # einsum over a [..., H, I] view, which transposes the block axis to the front and back.
+        # One 2-D matmul per block on a column slice: a batched einsum over a [..., H, I] view makes
+        # XLA:CPU transpose the block axis to the front and back (docs/performance.md).
         x_MxL = x_NxL.reshape(-1, x_NxL.shape[-1]).astype(self.dtype)
         kernel_HxIxI, size = self.kernel[...].astype(self.dtype), x_NxL.shape[-1] // self.blocks
         y_MxL = jnp.concatenate([x_MxL[:, h * size:(h + 1) * size] @ kernel_HxIxI[h] for h in range(self.blocks)],
