@@ -127,10 +127,6 @@ def _replace_recurrent(state: ModelState, new_h: list[jax.Array]) -> ModelState:
     return state._replace(groups=tuple(swap(s) for s in state.groups), tail=tuple(swap(s) for s in state.tail))
 
 
-def has_recurrent_layers(state: ModelState) -> bool:
-    return bool(_recurrent_leaves(state))
-
-
 def init_stats(state: ModelState) -> StateStats:
     """Zero statistics shaped like the per-channel state of each R layer (batch axis dropped)."""
     zeros = tuple(jnp.zeros(h.shape[:-2] + h.shape[-1:], jnp.float32) for h in _recurrent_leaves(state))
@@ -264,5 +260,5 @@ def state_rms(state: ModelState) -> jax.Array:
 
 
 __all__ = ["INTERVENTIONS", "InterventionConfig", "Inputs", "StateStats", "batch_axis", "check_interventions",
-           "fitted_moments", "has_recurrent_layers", "init_stats", "initial_state", "needs_carry", "needs_stats",
+           "fitted_moments", "init_stats", "initial_state", "needs_carry", "needs_stats",
            "select_rows", "state_rms", "tbptt_start", "update_stats"]

@@ -89,7 +89,7 @@ def restore_train_state(ckpt: Checkpointer, trainer: Trainer, step: int | None =
     if restored is None:
         return None
     step, state, data_state = restored
-    names, fresh = ("carry", "stats"), None
+    names = ("carry", "stats")
     parts = {n: getattr(state, n) if on else None for n, on in zip(names, trainer.extras_configured)}
     missing = [n for n, on in zip(names, trainer.extras_configured) if on and parts[n] is None]
     if missing:
