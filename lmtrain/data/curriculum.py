@@ -23,14 +23,56 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
+from lmtrain import configlib
 from lmtrain.configlib import ConfigError
-from lmtrain.data.config import CurriculumConfig, DataConfig
 
 _MIXTURE_TAG = 0x6C656E  # separates the length draws from the data's other seeded streams
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    """The length (and number of rows) of each step's batch: a sequence-length curriculum."""
+
+    kind: Literal["constant", "staged", "warmup", "mixture"] = configlib.field(
+        "constant", help="constant: always data.seq_len; staged: `stages` of [until_step, length]; warmup: "
+        "linear from start_length to data.seq_len over warmup_steps, in steps of `increment`; mixture: each "
+        "step a random length from `lengths` with `weights`")
+    batch_mode: Literal["constant_tokens", "fixed_batch"] = configlib.field(
+        "constant_tokens", help="constant_tokens: rows = global_batch_size * seq_len / length, so every step "
+        "has the same tokens; fixed_batch: rows = global_batch_size")
+    bucket: int = configlib.field(
+        64, help="lengths are rounded up to a multiple of this (at most data.seq_len), so a run compiles one "
+        "step per distinct length; 1 keeps lengths as given")
+    stages: tuple[tuple[int, ...], ...] = configlib.field(
+        (), help="staged: [[until_step, length], ...], until_step increasing; stage i runs to its until_step "
+        "(exclusive), the last one to the end of training")
+    start_length: int = configlib.field(64, help="warmup: the length at step 0")
+    increment: int = configlib.field(64, help="warmup: lengths grow in steps of this many tokens")
+    warmup_steps: int = configlib.field(1000, help="warmup: steps to reach data.seq_len")
+    lengths: tuple[int, ...] = configlib.field((), help="mixture: the lengths to draw from")
+    weights: tuple[float, ...] = configlib.field(
+        (), help="mixture: their probabilities (normalised; empty = uniform); drawn per step from (seed, step)")
+
+    def validate(self) -> None:
+        if self.bucket < 1:
+            raise ConfigError(f"bucket: must be >= 1, got {self.bucket}")
+
+
+class CurriculumInputs(Protocol):
+    """What a curriculum reads of its data config (data.config.DataConfig has these fields)."""
+
+    @property
+    def curriculum(self) -> CurriculumConfig: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def global_batch_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
 
 
 def _check_lengths(name: str, lengths: tuple[int, ...], seq_len: int) -> None:
@@ -127,9 +169,9 @@ SCHEDULES: dict[str, type[Constant]] = {"constant": Constant, "staged": Staged, 
 
 
 class Curriculum:
-    """The (rows, length) of every step of a run with data config `cfg`."""
+    """The (rows, length) of every step of a run with data config `cfg` (raises ConfigError if invalid)."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: CurriculumInputs):
         c = cfg.curriculum
         defaults = CurriculumConfig()
         for kind, schedule in SCHEDULES.items():
@@ -177,10 +219,10 @@ class Curriculum:
         """Every step's rows must split evenly over `process_count` processes."""
         for rows, length in self.shapes():
             if rows % process_count:
-                raise ValueError(f"global_batch_size={self.global_batch_size} gives {rows} rows at length {length}, "
-                                 f"which is not divisible by process_count={process_count}")
+                raise ConfigError(f"global_batch_size={self.global_batch_size} gives {rows} rows at length {length}, "
+                                  f"which is not divisible by process_count={process_count}")
 
 
-def check(cfg: DataConfig) -> None:
+def check(cfg: CurriculumInputs) -> None:
     """Config-time checks of `cfg.curriculum` against the rest of `cfg` (raises ConfigError)."""
     Curriculum(cfg)

@@ -2,13 +2,8 @@
 
 A document of n tokens `[bos, t1, ..., eos]` gives n-1 (input, target) pairs: input token i predicts
 token i+1. Pairs of consecutive documents are concatenated and cut into rows of `seq_len` pairs, so
-no position is padded except at the end of a finite stream. Each row is a dict of int32 [seq_len]:
-
-    inputs       token ids fed to the model
-    targets      the next token of the same document
-    segment_ids  1, 2, 3, ... per document piece within the row; 0 = padding
-    positions    position within the piece, restarting at 0 at each piece
-    loss_mask    1 on every real pair, 0 on padding
+no position is padded except at the end of a finite stream. Each row has the fields of batch.Batch,
+int32 [seq_len] (loss_mask is 1 on every real pair, 0 on padding).
 
 A document cut by a row boundary continues in the next row as a new piece whose positions restart at
 0 (the model sees it as a fresh context, exactly as it will at evaluation). Documents longer than
@@ -26,11 +21,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+from lmtrain.data.batch import BATCH_FIELDS
 
 
 def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+    row = {k: np.zeros(seq_len, np.int32) for k in BATCH_FIELDS}
     row["inputs"][:] = row["targets"][:] = pad_id
     return row
 

@@ -25,15 +25,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lmtrain.configlib import ConfigError
 from lmtrain.data import sources as sources_lib
+from lmtrain.data.batch import BATCH_FIELDS, Batch
 from lmtrain.data.config import DataConfig, SourceConfig, StageConfig, check_stages
 from lmtrain.data.curriculum import Curriculum
-from lmtrain.data.packing import FIELDS, Packer
+from lmtrain.data.packing import Packer
 from lmtrain.data.rows import Documents, Row, Streams, TaskRows, TextRows
 from lmtrain.data.tasks import TASKS
 from lmtrain.data.tokenizer import Tokenizer, load_tokenizer
 
-Batch = dict[str, np.ndarray]
 _ROW_TAG, _STREAM_TAG = 0x726F77, 0x737472  # separate the row-source and stream-document draws
 
 
@@ -65,7 +66,7 @@ class _PackIterator(grain.DatasetIterator):
         except StopIteration:
             return None
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Row:
         row = self._packer.next_row(self._pull)
         if row is None:
             raise StopIteration
@@ -101,14 +102,48 @@ def _read_options(cfg: DataConfig) -> grain.ReadOptions:
 
 
 def _local_batch(cfg: DataConfig, process_count: int) -> int:
+    """This process's rows of a global_batch_size batch (the one check evaluation needs)."""
     if cfg.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by "
-                         f"process_count={process_count}")
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by "
+                          f"process_count={process_count}")
     return cfg.global_batch_size // process_count
 
 
 def _source_name(where: str, src: SourceConfig) -> str:
     return f"{where} (task {src.task})" if src.kind == "task" else f"{where} ({src.kind} {src.path!r})"
+
+
+def _mixtures(cfg: DataConfig, stages: Sequence[StageConfig]) -> tuple[list[tuple[SourceConfig, ...]], list[int]]:
+    """The mixtures (data.sources, then each stage's own sources) and the mixture of each stage (0: before
+    the first stage); a stage without sources keeps the previous stage's mixture."""
+    mixtures, stage_mixture = [cfg.sources], [0]
+    for stage in stages:
+        if stage.sources:
+            mixtures.append(stage.sources)
+        stage_mixture.append(len(mixtures) - 1)
+    return mixtures, stage_mixture
+
+
+def check_data(cfg: DataConfig, stages: Sequence[StageConfig] = (), stream_from: int | None = None,
+               process_count: int = 1) -> None:
+    """The data layer's checks of a run (raises ConfigError): valid stages; global_batch_size and every
+    curriculum step's rows divisible by `process_count`; with `stream_from` (TBPTT streams), the same rows
+    every step and no task source in any mixture."""
+    check_stages(stages)
+    _local_batch(cfg, process_count)
+    curriculum = Curriculum(cfg)
+    curriculum.check_processes(process_count)
+    if stream_from is None:
+        return
+    if len({rows for rows, _ in curriculum.shapes()}) > 1:
+        raise ConfigError("stream mode needs the same rows every step, but the curriculum's batch_mode "
+                          "constant_tokens changes them with the length; set curriculum.batch_mode: "
+                          "fixed_batch (or use a constant curriculum)")
+    tasks = [_source_name(f"mixture {m} sources[{j}]", src) for m, srcs in enumerate(_mixtures(cfg, stages)[0])
+             for j, src in enumerate(srcs) if src.kind == "task"]
+    if tasks:
+        raise ConfigError(f"stream mode reads documents, but {tasks[0]} is a task source; remove task "
+                          "sources or don't stream")
 
 
 def _documents(src: SourceConfig, name: str, heldout_fraction: float, heldout: bool, process_index: int,
@@ -133,19 +168,13 @@ class TrainIterator:
 
     def __init__(self, cfg: DataConfig, stages: Sequence[StageConfig] = (), stream_from: int | None = None,
                  process_index: int = 0, process_count: int = 1):
-        check_stages(tuple(stages))
-        _local_batch(cfg, process_count)
+        check_data(cfg, stages, stream_from, process_count)
         self.cfg, self.curriculum = cfg, Curriculum(cfg)
-        self.curriculum.check_processes(process_count)
         self.process_index, self.process_count = process_index, process_count
         tokenizer = load_tokenizer(cfg.tokenizer)
         self._pad_id = tokenizer.pad_id
 
-        mixtures, self._stage_mixture = [cfg.sources], [0]
-        for stage in stages:
-            if stage.sources:
-                mixtures.append(stage.sources)
-            self._stage_mixture.append(len(mixtures) - 1)
+        mixtures, self._stage_mixture = _mixtures(cfg, stages)
         self._mixtures = [[self._row_source(m, j, src, tokenizer) for j, src in enumerate(srcs)]
                           for m, srcs in enumerate(mixtures)]
         self._starts = [0] + [stage.start_step for stage in stages]
@@ -159,15 +188,6 @@ class TrainIterator:
         self.stream_from = stream_from
         self._streams = None
         if stream_from is not None:
-            if len({rows for rows, _ in self.curriculum.shapes()}) > 1:
-                raise ValueError("stream mode needs the same rows every step, but the curriculum's batch_mode "
-                                 "constant_tokens changes them with the length; set curriculum.batch_mode: "
-                                 "fixed_batch (or use a constant curriculum)")
-            tasks = [_source_name(f"mixture {m} sources[{j}]", src) for m, srcs in enumerate(mixtures)
-                     for j, src in enumerate(srcs) if src.kind == "task"]
-            if tasks:
-                raise ValueError(f"stream mode reads documents, but {tasks[0]} is a task source; remove task "
-                                 "sources or don't stream")
             self._streams = Streams(cfg.global_batch_size // process_count, self._pad_id, cfg.max_doc_tokens)
         self.step = 0
 
@@ -255,7 +275,7 @@ class TrainIterator:
 
 
 def _stack(rows: list[Row]) -> Batch:
-    return {k: np.stack([row[k] for row in rows]) for k in FIELDS}
+    return {k: np.stack([row[k] for row in rows]) for k in BATCH_FIELDS}
 
 
 def make_train_iterator(cfg: DataConfig, *, stages: Sequence[StageConfig] = (), stream_from: int | None = None,
@@ -282,7 +302,7 @@ def make_eval_iterator(cfg: DataConfig, *, process_index: int = 0, process_count
     docs = grain.MapDataset.concatenate(per_source) if per_source else grain.MapDataset.source([])
     rows = _PackIterDataset(docs.to_iter_dataset(_read_options(cfg)), cfg.seq_len, tokenizer.pad_id, cfg.max_doc_tokens)
     empty = {k: np.full((local_batch, cfg.seq_len), tokenizer.pad_id if k in ("inputs", "targets") else 0,
-                        np.int32) for k in FIELDS}
+                        np.int32) for k in BATCH_FIELDS}
     count = 0
     for batch in rows.batch(local_batch, drop_remainder=False):
         if num_batches is not None and count >= num_batches:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordReader
 
-from lmtrain.data.config import SourceConfig
+from lmtrain.data.source_config import SourceConfig
 
 # Bad-data counters; the pipeline keeps these in its iterator state (see pipeline.data_stats).
 COUNTERS = ("documents", "tokens", "undecodable", "malformed", "empty", "split")

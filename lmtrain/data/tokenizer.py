@@ -1,7 +1,8 @@
-"""Tokenizers: UTF-8 bytes (no file needed) or a trained sentencepiece model."""
+"""Tokenizers: UTF-8 bytes (no file needed) or a trained sentencepiece model, and their config section."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -9,9 +10,25 @@ from typing import Literal, Protocol
 
 import sentencepiece as spm
 
-from lmtrain.data.config import TokenizerConfig
+from lmtrain import configlib
+from lmtrain.configlib import ConfigError
 
 TRAIN_COMMAND = "lmtrain tokenizer train --source stdlib --vocab-size 4096 --type bpe --out tokenizers/stdlib4k"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer turns text into ids."""
+
+    kind: Literal["byte", "sentencepiece"] = configlib.field(
+        "byte", help="byte: UTF-8 bytes 0..255 plus pad=256, bos=257, eos=258 (vocab 259); "
+        "sentencepiece: a trained .model file (see `lmtrain tokenizer train`)")
+    path: str = configlib.field("", help="sentencepiece: path of the .model file")
+
+    def validate(self) -> None:
+        if self.kind == "sentencepiece" and not self.path:
+            raise ConfigError("path: a sentencepiece tokenizer needs its .model file "
+                              "(create one with `lmtrain tokenizer train`)")
 
 
 class Tokenizer(Protocol):

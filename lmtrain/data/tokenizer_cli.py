@@ -7,7 +7,7 @@ import collections
 import time
 import typing
 
-from lmtrain.data.config import SourceConfig, SourceKind
+from lmtrain.data.source_config import SourceConfig, SourceKind
 from lmtrain.data.sources import iter_texts
 from lmtrain.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 

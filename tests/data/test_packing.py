@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lmtrain.data.packing import FIELDS, StreamPacker, pack_documents
+from lmtrain.data.batch import BATCH_FIELDS
+from lmtrain.data.packing import StreamPacker, pack_documents
 
 PAD = -1
 
@@ -22,7 +23,7 @@ def _reference(docs, seq_len, max_doc_tokens):
     rows = []
     for start in range(0, len(pairs), seq_len):
         chunk = pairs[start:start + seq_len]
-        row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+        row = {k: np.zeros(seq_len, np.int32) for k in BATCH_FIELDS}
         row["inputs"][:] = row["targets"][:] = PAD
         segment, position, prev = 0, 0, None
         for j, (piece, x, y) in enumerate(chunk):
@@ -43,8 +44,8 @@ def test_matches_naive_reference(seq_len, max_doc_tokens, max_len):
     expected = _reference(docs, seq_len, max_doc_tokens)
     assert len(rows) == len(expected)
     for row, ref in zip(rows, expected):
-        assert set(row) == set(FIELDS)
-        for k in FIELDS:
+        assert set(row) == set(BATCH_FIELDS)
+        for k in BATCH_FIELDS:
             assert row[k].dtype == np.int32 and row[k].shape == (seq_len,)
             np.testing.assert_array_equal(row[k], ref[k], err_msg=k)
 

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from lmtrain.data import sources
+from lmtrain.data.batch import BATCH_FIELDS
 from lmtrain.data.config import DataConfig, SourceConfig
-from lmtrain.data.packing import FIELDS
 from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_iterator, to_global_batch
 from lmtrain.data.tokenizer import ByteTokenizer
 
@@ -60,7 +60,7 @@ def _assert_same(a, b):
 def test_batch_layout_on_builtin_corpus():
     cfg = DataConfig(seq_len=64, global_batch_size=4)
     batch = next(make_train_iterator(cfg, process_index=1, process_count=2))
-    assert set(batch) == set(FIELDS)
+    assert set(batch) == set(BATCH_FIELDS)
     for v in batch.values():
         assert v.shape == (2, 64) and v.dtype == np.int32
     assert batch["loss_mask"].all()  # endless training stream: no padding

@@ -1,13 +1,15 @@
 """Synthetic tasks: every label checked by rebuilding the answer from the sequence alone; exact
-lengths; determinism by seed; the trainer batch layout; resumable, shardable training iterator."""
+lengths; determinism by seed; the trainer batch layout; a task source's training batches resume and shard."""
 
 import re
 
 import numpy as np
 import pytest
 
-from lmtrain.data.packing import FIELDS
-from lmtrain.data.tasks import TASKS, TaskIterator, example, make_batch, make_task
+from lmtrain.data.batch import BATCH_FIELDS
+from lmtrain.data.config import DataConfig, SourceConfig
+from lmtrain.data.pipeline import make_train_iterator
+from lmtrain.data.tasks import TASKS, example, make_batch, make_task
 from lmtrain.data.tokenizer import ByteTokenizer
 
 LENGTHS = [128, 200, 1000]
@@ -130,8 +132,8 @@ def test_deterministic_by_seed_exact_length(name):
 def test_batch_layout_matches_trainer(name):
     task = make_task(name)
     batch = make_batch(task, 1, 10, 3, 256)
-    assert set(batch) == set(FIELDS)
-    for k in FIELDS:
+    assert set(batch) == set(BATCH_FIELDS)
+    for k in BATCH_FIELDS:
         assert batch[k].shape == (3, 256) and batch[k].dtype == np.int32
     for i in range(3):
         ex = example(task, 1, 10 + i, 256)
@@ -142,21 +144,26 @@ def test_batch_layout_matches_trainer(name):
     assert make_batch(task, 1, 10, 3, 256, loss_on="all")["loss_mask"].all()
 
 
-def test_iterator_resumes_and_shards():
-    task = make_task("mqar")
-    it = TaskIterator(task, seed=2, global_batch_size=4, length=64)
+def _task_data(global_batch_size=4):
+    """A data config whose only source is the mqar task, as training reads it (one example per row)."""
+    return DataConfig(sources=(SourceConfig(kind="task", task="mqar"),), seq_len=64,
+                      global_batch_size=global_batch_size, seed=2)
+
+
+def test_training_task_batches_resume_and_shard():
+    it = make_train_iterator(_task_data())
     first = [next(it) for _ in range(3)]
     state = it.get_state()
     after = next(it)
-    resumed = TaskIterator(task, seed=2, global_batch_size=4, length=64)
+    resumed = make_train_iterator(_task_data())
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["inputs"], after["inputs"])
-    halves = [TaskIterator(task, 2, 4, 64, process_index=p, process_count=2) for p in range(2)]
-    for batch in first:
-        joined = np.concatenate([next(h)["inputs"] for h in halves])
+    halves = [make_train_iterator(_task_data(), process_index=p, process_count=2) for p in range(2)]
+    for batch in first:  # process p makes rows p, p + 2, ... of the global batch
+        joined = np.stack([next(h)["inputs"] for h in halves], axis=1).reshape(batch["inputs"].shape)
         np.testing.assert_array_equal(joined, batch["inputs"])
     with pytest.raises(ValueError, match="divisible"):
-        TaskIterator(task, 0, 3, 64, process_count=2)
+        make_train_iterator(_task_data(global_batch_size=3), process_count=2)
 
 
 def test_bad_options():

@@ -8,11 +8,12 @@ import re
 import numpy as np
 import pytest
 
+from lmtrain.configlib import ConfigError
 from lmtrain.data import pipeline
+from lmtrain.data.batch import BATCH_FIELDS
 from lmtrain.data.config import CurriculumConfig, DataConfig, SourceConfig, StageConfig
 from lmtrain.data.curriculum import Curriculum
-from lmtrain.data.packing import FIELDS
-from lmtrain.data.pipeline import data_stats, make_train_iterator, task_seed
+from lmtrain.data.pipeline import check_data, data_stats, make_train_iterator, task_seed
 from lmtrain.data.tasks import example, make_task, to_row
 from lmtrain.data.tokenizer import ByteTokenizer
 
@@ -73,7 +74,7 @@ def test_batches_have_the_scheduled_shapes(tmp_path):
     expected = [(24, 8)] * 2 + [(12, 16)] * 2 + [(8, 24)] * 2 + [(6, 32)] * 2
     assert [b["inputs"].shape for b in batches] == expected
     for b in batches:
-        assert {v.dtype for v in b.values()} == {np.dtype(np.int32)} and set(b) == set(FIELDS)
+        assert {v.dtype for v in b.values()} == {np.dtype(np.int32)} and set(b) == set(BATCH_FIELDS)
         assert all(v.shape == b["inputs"].shape for v in b.values())
         assert b["loss_mask"].sum() == 6 * 32  # constant tokens, no padding
     cur = Curriculum(cfg)
@@ -241,6 +242,23 @@ def test_stream_mode_errors(tmp_path):
         make_train_iterator(_cfg(_corpus(tmp_path), curriculum=WARMUP, global_batch_size=6), stream_from=0)
     with pytest.raises(ValueError, match=r"task mqar\) is a task source"):
         make_train_iterator(_cfg(SourceConfig(kind="task", task="mqar")), stream_from=5)
+
+
+def test_check_data_raises_config_errors_without_reading(tmp_path):
+    """The iterator's checks, callable at config time (no file is opened)."""
+    missing = SourceConfig(kind="text", path=str(tmp_path / "none" / "*.txt"))
+    check_data(_cfg(missing), [StageConfig(start_step=3)], stream_from=0, process_count=2)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.start_step: must be > 0"):
+        check_data(_cfg(missing), [StageConfig()])
+    with pytest.raises(ConfigError, match="global_batch_size=4 is not divisible by process_count=3"):
+        check_data(_cfg(missing), process_count=3)
+    with pytest.raises(ConfigError, match="gives 8 rows at length 24, which is not divisible by process_count=3"):
+        check_data(_cfg(missing, curriculum=WARMUP, global_batch_size=6), process_count=3)
+    with pytest.raises(ConfigError, match="stream mode needs the same rows every step"):
+        check_data(_cfg(missing, curriculum=WARMUP, global_batch_size=6), stream_from=0)
+    stages = [StageConfig(start_step=3, sources=(SourceConfig(kind="task", task="mqar"),))]
+    with pytest.raises(ConfigError, match=r"mixture 1 sources\[0\] \(task mqar\) is a task source"):
+        check_data(_cfg(missing), stages, stream_from=5)
 
 
 def _doc_ids(batches, stream, lanes=1):

@@ -1,4 +1,4 @@
-"""What every synthetic task shares: the example layout, seeding, rows, batches, a training iterator.
+"""What every synthetic task shares: the example layout, seeding, rows, batches.
 
 A task is a frozen dataclass with `min_length()` and `sample(rng, length) -> Example`. An example has
 `length + 1` tokens: the model reads `tokens[:-1]` and predicts `tokens[1:]`, and `answer_T` marks the
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
-from lmtrain.data.packing import FIELDS
+from lmtrain.data.batch import BATCH_FIELDS, Batch
 
 LossOn = Literal["answer", "all"]
 
@@ -70,45 +70,11 @@ def to_row(ex: Example, loss_on: LossOn = "answer") -> dict[str, np.ndarray]:
 
 
 def make_batch(task: Task, seed: int, start: int, batch_size: int, length: int,
-               loss_on: LossOn = "answer") -> dict[str, np.ndarray]:
-    """Examples `start .. start + batch_size - 1` as a batch dict of int32 [batch_size, length]."""
+               loss_on: LossOn = "answer") -> Batch:
+    """Examples `start .. start + batch_size - 1` as a batch of int32 [batch_size, length] (evaluation;
+    training draws a task source's rows through rows.TaskRows)."""
     rows = [to_row(example(task, seed, start + i, length), loss_on) for i in range(batch_size)]
-    return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
-
-
-class TaskIterator:
-    """Endless batches of a task for training, with the interface of the text pipeline's iterator.
-
-    Global batch k holds examples `k * global_batch_size ...`; each process takes its slice. The
-    state is `{"batch": k}` (JSON), so resume is exact. `loss_on="answer"` puts the loss on the
-    answer tokens only (as Zoology trains MQAR); `"all"` on every token.
-    """
-
-    def __init__(self, task: Task, seed: int, global_batch_size: int, length: int, loss_on: LossOn = "answer",
-                 *, process_index: int = 0, process_count: int = 1):
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"process_count={process_count}")
-        check_length(task, length)
-        self.task, self.seed, self.length, self.loss_on = task, seed, length, loss_on
-        self.global_batch_size = global_batch_size
-        self.local_batch = global_batch_size // process_count
-        self.offset = process_index * self.local_batch
-        self.batch = 0
-
-    def __iter__(self) -> TaskIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        start = self.batch * self.global_batch_size + self.offset
-        self.batch += 1
-        return make_batch(self.task, self.seed, start, self.local_batch, self.length, self.loss_on)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"batch": self.batch}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.batch = int(state["batch"])
+    return {k: np.stack([r[k] for r in rows]) for k in BATCH_FIELDS}
 
 
 def sorted_slots(rng: np.random.Generator, span: int, count: int, width: int) -> np.ndarray:
