@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lmtrain.config import load_config
 from lmtrain.eval.report import run_eval
-from lmtrain.train.loop import train
+from lmtrain.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACK_STATS = "{kind: fitted_noise, prob: 0.0}"  # statistics only: lets the fitted_noise variant start from them

@@ -23,7 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmtrain.config import load_config
-    from lmtrain.train.loop import train
+    from lmtrain.run import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
@@ -44,7 +44,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from lmtrain.data.curriculum import Curriculum
     from lmtrain.data.tokenizer import load_tokenizer
     from lmtrain.models.flops import count_params, train_flops_per_token
-    from lmtrain.train.loop import batch_axes_size
+    from lmtrain.run import batch_axes_size
     from lmtrain.train.mesh import describe_mesh, make_mesh
     from lmtrain.train.step import BATCH_KEYS, Trainer
 

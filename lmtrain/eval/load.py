@@ -3,8 +3,9 @@
     cfg, model, step = load_run("runs/demo")            # latest checkpoint
     cfg, model, step = load_run("runs/demo", step=200)  # a given one
 
-The run is restored onto one device (whatever mesh it was trained on): evaluation here is
-single-device and memory-bounded by chunking, not by sharding.
+Only the parameters (or their EMA) are read, onto one device whatever mesh the run was trained on
+(the optimizer state stays on disk): evaluation here is single-device and memory-bounded by
+chunking, not by sharding.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import dataclasses
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from lmtrain.config import Config, load_config
 from lmtrain.models import LanguageModel
 from lmtrain.train.checkpoint import Checkpointer
-from lmtrain.train.loop import restore_train_state
-from lmtrain.train.mesh import make_mesh
-from lmtrain.train.step import Trainer
 
 
 class RunError(FileNotFoundError):
@@ -72,19 +71,21 @@ def load_run(workdir: str | Path, step: int | None = None, *, ema: bool = False,
                        f"{', '.join(map(str, steps))}")
     if ema and not cfg.optimizer.ema_decay:
         raise ValueError(f"{workdir} was trained without optimizer.ema_decay: it has no EMA parameters")
-    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1))
-    trainer = Trainer(one_device, make_mesh(one_device.mesh, jax.devices()[:1]))
+    graphdef, variables = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+                          nnx.to_pure_dict(variables))
     # Restore only the chosen step: a checkpointer whose retention keeps everything, read-only use.
     keep_all = dataclasses.replace(cfg.checkpoint, keep=0, keep_period=0, async_save=False)
     ckpt = Checkpointer(directory, keep_all)
     try:
-        restored = restore_train_state(ckpt, trainer, step)
+        restored = ckpt.restore_params(target, step, key="ema" if ema else "params")
         assert restored is not None  # steps is not empty
-        step, state, _ = restored
+        step, params = restored
     finally:
         ckpt.close()
-    params = state.ema if ema else state.params
-    return cfg, trainer.model(params), int(step)
+    nnx.replace_by_pure_dict(variables, params)
+    return cfg, nnx.merge(graphdef, variables), int(step)
 
 
 __all__ = ["RunError", "checkpoint_steps", "load_run", "load_run_config"]

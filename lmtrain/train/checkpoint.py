@@ -8,6 +8,9 @@ Each step directory `<dir>/<step>/` holds three items:
   reads its own shard of the data, so each has its own iterator state;
 - `meta`: free-form JSON metadata (step, wall time, whatever the caller adds).
 
+`restore_params` reads one entry of `state` alone (the parameters or their EMA, for evaluation),
+never the optimizer state.
+
 A checkpoint that cannot be restored (a missing or truncated file) or was never finalized (an orbax
 `*.orbax-checkpoint-tmp*` directory left by a crash) is never deleted: `restore_latest` falls back
 to the newest checkpoint that restores, and moves every newer unusable directory aside to
@@ -25,9 +28,9 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -40,6 +43,7 @@ from lmtrain.configlib import ConfigError
 log = logging.getLogger(__name__)
 
 _TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,12 @@ def abstract_like(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
 
     return jax.tree.map(to_abstract, tree)
+
+
+def _leaf_paths(tree: Any) -> set[tuple[str, ...]]:
+    """The leaves' key paths, keys as strings (as orbax's metadata spells them); empty for None."""
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in paths}
 
 
 def _encode_data_state(data_state: Any) -> dict[str, Any]:
@@ -208,6 +218,22 @@ class Checkpointer:
         or a function of the step returning one.
         Unusable checkpoints newer than the one restored are moved aside (see the module docstring).
         """
+        return self._latest(lambda step: self._restore(step, abstract_state))
+
+    def restore_params(self, target: Any, step: int | None = None, *, key: str = "params"
+                       ) -> tuple[int, Any] | None:
+        """`(step, tree)`: the `key` entry of the saved state alone (a train state's "params" or "ema"),
+        restored onto `target` (its structure, as `jax.ShapeDtypeStruct`s with shardings); nothing else of
+        the state (the optimizer's) is read.
+
+        From `step`, or else from the newest checkpoint that restores, as `restore_latest` (None if there
+        is none).
+        """
+        read = lambda s: (s, self._restore_entry(s, key, target))
+        return read(step) if step is not None else self._latest(read)
+
+    def _latest(self, restore: Callable[[int], T]) -> T | None:
+        """`restore(step)` of the newest step for which it succeeds (see `restore_latest`)."""
         self.wait()
         steps = self.all_steps()
         unfinished = self._unfinished_dirs()
@@ -219,7 +245,7 @@ class Checkpointer:
         failures: list[tuple[int, Exception]] = []
         for step in reversed(steps):
             try:
-                restored = self._restore(step, abstract_state)
+                restored = restore(step)
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
                 log.warning("checkpoint: step %d in %s does not restore (%s: %s); trying the previous one",
                             step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
@@ -254,6 +280,18 @@ class Checkpointer:
                         step, jax.process_count())
             return step, restored.state, None
         return step, restored.state, _decode_data_state(restored.data)
+
+    def _restore_entry(self, step: int, key: str, target: Any) -> Any:
+        path = self.directory / str(step) / "state"
+        # A reader of its own: the manager's handler for `state` is StandardSave's, which restores it whole.
+        with ocp.PyTreeCheckpointer() as reader:
+            stored = reader.metadata(path).item_metadata.tree
+            if not isinstance(stored, Mapping) or _leaf_paths(stored.get(key)) != _leaf_paths(target):
+                raise ValueError(f"the state of step {step} has no {key!r} of the target's structure")
+            item = {key: abstract_like(target)}
+            restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return restored[key]
 
     def metadata(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata saved with `step` (default: the latest step)."""

@@ -144,6 +144,28 @@ def test_nothing_restores_raises_and_moves_nothing(tmp_path):
     assert saved_steps(tmp_path) == [1, 2] and not list(tmp_path.glob("corrupt-*"))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+def test_restore_params_reads_one_entry(tmp_path):
+    """The parameters alone, from a given step or the newest that restores (moving a corrupt one aside)."""
+    with Checkpointer(tmp_path, config()) as ck:
+        for step in (1, 2, 3):
+            ck.maybe_save(step, train_state(step), {})
+    corrupt(tmp_path / "3")
+    target = abstract_like(train_state(0)["params"])
+    with Checkpointer(tmp_path, config()) as ck:
+        step, params = ck.restore_params(target, 1)
+        assert step == 1
+        assert_trees_equal(params, train_state(1)["params"])
+        step, params = ck.restore_params(target)
+        assert step == 2 and saved_steps(tmp_path) == [1, 2] and (tmp_path / "corrupt-3").is_dir()
+        assert_trees_equal(params, train_state(2)["params"])
+        other = {"embed": target["embed"]}  # not the saved structure: refused, not partly filled in
+        for key, tree in (("ema", target), ("params", other)):
+            with pytest.raises(ckpt_lib.CheckpointRestoreError, match="nothing was moved"):
+                ck.restore_params(tree, key=key)
+    assert saved_steps(tmp_path) == [1, 2]
+
+
 def test_guard_restores_previous_handler():
     previous = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard() as guard:

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from lmtrain.config import ConfigError, load_config
-from lmtrain.train.loop import TrainingDiverged, prepare_workdir, train
+from lmtrain.run import TrainingDiverged, prepare_workdir, train
+from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.step import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,10 +155,50 @@ def test_nonfinite_steps_skip_then_diverge(tmp_path, caplog, monkeypatch):
         train(config(tmp_path, "train.steps=50", "train.max_skipped_steps=2"))
     got = records(tmp_path)
     assert sorted(got) == [1, 2, 3]  # step 4 raised before logging
+    assert not (tmp_path / "checkpoints").exists() or checkpoint_steps(tmp_path) == []  # nor saved step 4
     assert got[1]["finite"] == 1.0 and got[1]["loss"] is not None
     for step in (2, 3):
         assert got[step]["finite"] == 0.0 and got[step]["loss"] is None and "loss" in got[step]["nonfinite"]
     assert "update skipped (2 in a row)" in caplog.text
+
+
+class _Probe:
+    """A step's `finite` metric that records when the loop reads it."""
+
+    def __init__(self, value, step, events):
+        self.value, self.step, self.events = value, step, events
+
+    def __bool__(self):
+        self.events.append(("read", self.step))
+        return bool(self.value)
+
+    def __float__(self):
+        return float(self.value)
+
+
+def test_metrics_are_read_one_step_late(tmp_path, monkeypatch):
+    """Step k's metrics are read after step k + 1 is dispatched, except where a checkpoint (or the end)
+    needs them first: every save comes after the read of its step, and the records are complete."""
+    events, train_step, save = [], Trainer.train_step, Checkpointer.maybe_save
+
+    def dispatch(self, state, batch):
+        events.append(("dispatch", len([e for e in events if e[0] == "dispatch"]) + 1))
+        state, metrics = train_step(self, state, batch)
+        return state, {**metrics, "finite": _Probe(metrics["finite"], events[-1][1], events)}
+
+    def saving(self, step, *args, **kwargs):
+        events.append(("save", step))
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", dispatch)
+    monkeypatch.setattr(Checkpointer, "maybe_save", saving)
+    train(config(tmp_path, f"train.steps={2 * N}"))
+    at = {e: i for i, e in reversed(list(enumerate(events)))}  # first occurrence
+    for k in range(1, 2 * N + 1):
+        if k not in (1, N, 2 * N):  # the compiling first step, and the checkpointed ones, are read at once
+            assert at[("dispatch", k + 1)] < at[("read", k)], events
+    assert all(at[("read", k)] < at[("save", k)] for k in (N, 2 * N)), events
+    assert sorted(records(tmp_path)) == list(range(1, 2 * N + 1)) and checkpoint_steps(tmp_path) == [N, 2 * N]
 
 
 def test_workdir_refuses_other_model_and_keeps_old_configs(straight, tmp_path):

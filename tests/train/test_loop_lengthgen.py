@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_loop import N, checkpoint_steps, config, records
 
-from lmtrain.train.loop import train
+from lmtrain.run import train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 

@@ -1,14 +1,21 @@
-"""The training loop: workdir, mesh, data, resume, steps, evaluation, logging, checkpoints.
+"""A training run: workdir, mesh, data, resume, the loop, evaluation, logging, checkpoints.
 
     summary = train(load_config("configs/demo.yaml", ["train.steps=100"]))
 
 A run restarted with the same workdir resumes from its latest good checkpoint (parameters,
 optimizer, step, RNG, data-iterator position), so the resumed loss curve equals the uninterrupted
 one. SIGTERM saves a checkpoint and returns cleanly.
+
+The loop runs one step ahead of the device: it dispatches step k + 1 and prepares the batch of
+step k + 2 before it reads the metrics of step k (the non-finite check included). Before any
+evaluation, checkpoint, preemption stop or the end of the run it reads the pending step, so
+nothing is saved from a state whose check has not been read. This is the top layer:
+`lmtrain.config` builds on `lmtrain.train`, and this module on both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from lmtrain import configlib
 from lmtrain.config import Config, ConfigError, check_runtime, save_config
@@ -107,16 +115,98 @@ def batch_axes_size(trainer: Trainer) -> int:
     return math.prod(trainer.mesh.shape[a] for a in axes)
 
 
-def evaluate(trainer: Trainer, params: Any, cfg: Config) -> dict[str, float]:
-    """Mean loss and perplexity over `cfg.eval.batches` held-out batches."""
-    nll, tokens = 0.0, 0.0
-    index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)
-    batches = make_eval_iterator(cfg.data, process_index=index, process_count=count, num_batches=cfg.eval.batches)
-    for batch in batches:
-        out = trainer.eval_step(params, to_global_batch(batch, trainer.mesh, trainer.batch_sharding))
-        nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["tokens"])
-    loss = nll / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+class HeldOut:
+    """The held-out batches of a run: read at the first evaluation, kept on the host, reused after."""
+
+    def __init__(self, trainer: Trainer, cfg: Config):
+        self.trainer, self.cfg = trainer, cfg
+        self._batches: list[dict[str, np.ndarray]] | None = None
+
+    def batches(self) -> list[dict[str, np.ndarray]]:
+        """This process's `cfg.eval.batches` local batches (built once)."""
+        if self._batches is None:
+            index, count = data_shard(self.trainer.batch_sharding, self.cfg.data.global_batch_size)
+            self._batches = list(make_eval_iterator(self.cfg.data, process_index=index, process_count=count,
+                                                    num_batches=self.cfg.eval.batches))
+        return self._batches
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Mean loss and perplexity of `params` over the held-out batches."""
+        trainer, outs = self.trainer, []
+        for batch in self.batches():
+            outs.append(trainer.eval_step(params, to_global_batch(batch, trainer.mesh, trainer.batch_sharding)))
+            if len(outs) > 1:  # the previous batch's result, read while this one computes
+                outs[-2] = jax.device_get(outs[-2])
+        nll, tokens = (sum((float(out[k]) for out in outs), 0.0) for k in ("nll_sum", "tokens"))
+        loss = nll / max(tokens, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+@dataclasses.dataclass
+class _Step:
+    """A dispatched train step whose metrics may not have been read yet."""
+
+    step: int
+    metrics: dict[str, Any]  # device arrays: outputs of the step, never donated to the next one
+    shape: tuple[int, int]  # batch rows, length
+    data_state: Any  # the data iterator's state after this step's batch
+    t0: float  # when it was dispatched
+
+
+class _Reader:
+    """Reads train steps' metrics one step late: the non-finite check, and the logged records with their
+    tokens/s and MFU window (steps read since the last record, or the compiling first step alone)."""
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, num_devices: int, skipped: int):
+        self.cfg, self.writer, self.num_devices = cfg, writer, num_devices
+        self.peak = device_peak_flops(override=cfg.log.peak_flops)
+        self.skipped = skipped  # consecutive non-finite steps, as the train state counts them
+        self.pending: _Step | None = None
+        self.compile_s: float | None = None
+        self.record: dict[str, Any] | None = None
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.t0, self.steps, self.tokens, self.flops = time.perf_counter(), 0, 0.0, 0.0
+
+    def push(self, step: _Step) -> None:
+        """Reads the pending step, then holds `step` (the first, compiling step is read at once)."""
+        self.flush()
+        self.pending = step
+        if self.compile_s is None:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reads the pending step, if any."""
+        if self.pending is not None:
+            step, self.pending = self.pending, None
+            self._read(step)
+
+    def _read(self, s: _Step) -> None:
+        finite = bool(s.metrics["finite"])  # waits for step s only; the next step is queued behind it
+        rows, length = s.shape
+        tokens, flops = rows * length, train_flops_per_token(self.cfg.model, length) * rows * length
+        if self.compile_s is None:
+            self.compile_s = time.perf_counter() - s.t0
+            self.reset_window()
+        else:
+            self.steps, self.tokens, self.flops = self.steps + 1, self.tokens + tokens, self.flops + flops
+        # The train state's count (`jnp.where(finite, 0, skipped + 1)`), kept here: that state is donated.
+        self.skipped = 0 if finite else self.skipped + 1
+        if self.skipped:
+            _on_nonfinite(s.step, self.skipped, s.metrics, self.cfg)
+        if self.writer.should_log(s.step):
+            if self.steps:
+                elapsed, steps, tokens, flops = time.perf_counter() - self.t0, self.steps, self.tokens, self.flops
+            else:  # only the compiling step so far
+                elapsed, steps = self.compile_s, 1
+            values = jax.device_get({k: v for k, v in s.metrics.items() if k != "group_norms"})
+            record = {k: float(v) for k, v in values.items()}
+            record.update(tokens_per_sec=tokens / elapsed, step_time_s=elapsed / steps, seq_len=length,
+                          rows=rows, mfu=mfu(flops, elapsed, self.num_devices, self.peak),
+                          **{f"data/{k}": v for k, v in data_stats(s.data_state).items()})
+            self.record = self.writer.write(s.step, record)
+            self.reset_window()
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -138,62 +228,51 @@ def train(cfg: Config) -> dict[str, Any]:
         if data_state is not None:  # None: written by another process count (see Checkpointer)
             data.set_state(data_state)
         log.info("resumed from step %d", step)
-    peak = device_peak_flops(override=cfg.log.peak_flops)
     writer = MetricsWriter(workdir, cfg.log, cfg.train.steps, start_step=step)
+    reader = _Reader(cfg, writer, mesh.devices.size, skipped=int(state.skipped))
+    heldout = HeldOut(trainer, cfg)
+    next_batch = lambda: to_global_batch(next(data), mesh, trainer.batch_sharding)
     summary: dict[str, Any] = {"start_step": step, "preempted": False}
-    start, window_t0, window_steps, compile_s = time.perf_counter(), time.perf_counter(), 0, None
-    window_tokens = window_flops = 0.0  # the curriculum may change the batch shape from step to step
+    start = time.perf_counter()
     try:
         with PreemptionGuard() as guard:
+            batch = next_batch() if step < cfg.train.steps else None
             while step < cfg.train.steps:
-                batch = to_global_batch(next(data), mesh, trainer.batch_sharding)
                 t0 = time.perf_counter()
-                state, metrics = trainer.train_step(state, batch)
-                step += 1
-                skipped = int(state.skipped)  # one scalar per step: the non-finite check
-                rows, length = batch["inputs"].shape
-                if compile_s is None:
-                    compile_s, window_t0 = time.perf_counter() - t0, time.perf_counter()
-                else:
-                    window_steps += 1
-                    window_tokens += rows * length
-                    window_flops += train_flops_per_token(cfg.model, length) * rows * length
-                if skipped:
-                    _on_nonfinite(step, skipped, metrics, cfg)
-                if writer.should_log(step):
-                    elapsed = time.perf_counter() - window_t0 if window_steps else compile_s
-                    if not window_steps:  # only the compiling step so far
-                        window_tokens = rows * length
-                        window_flops = train_flops_per_token(cfg.model, length) * rows * length
-                    record = {k: float(v) for k, v in metrics.items() if k != "group_norms"}
-                    record.update(tokens_per_sec=window_tokens / elapsed, step_time_s=elapsed / max(window_steps, 1),
-                                  seq_len=length, rows=rows,
-                                  mfu=mfu(window_flops, elapsed, mesh.devices.size, peak),
-                                  **{f"data/{k}": v for k, v in data_stats(data.get_state()).items()})
-                    summary["train"] = writer.write(step, record)
-                    window_t0, window_steps, window_tokens, window_flops = time.perf_counter(), 0, 0.0, 0.0
-                if step == cfg.train.steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
+                state, metrics = trainer.train_step(state, batch)  # dispatched: the device runs it from here
+                step, last = step + 1, step + 1 == cfg.train.steps
+                done = _Step(step, metrics, batch["inputs"].shape, data.get_state(), t0)
+                reader.push(done)  # reads step - 1 while this step runs
+                if not last:
+                    batch = next_batch()  # prepared while the device computes
+                if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
+                    reader.flush()
                     summary["eval"] = writer.write(step, {f"eval/{k}": v for k, v in
-                                                          evaluate(trainer, state.params, cfg).items()})
-                    window_t0 = time.perf_counter()
-                ckpt.maybe_save(step, state, data.get_state(), force=step == cfg.train.steps,
-                                metadata=state_fields(state))
+                                                          heldout.evaluate(state.params).items()})
+                    reader.reset_window()
+                if ckpt.should_save(step, force=last):
+                    reader.flush()
+                    ckpt.maybe_save(step, state, done.data_state, force=True, metadata=state_fields(state))
                 if guard.should_stop():
+                    reader.flush()
                     log.warning("preempted at step %d: saving a checkpoint and stopping", step)
-                    ckpt.maybe_save(step, state, data.get_state(), force=True, metadata=state_fields(state))
+                    ckpt.maybe_save(step, state, done.data_state, force=True, metadata=state_fields(state))
                     summary["preempted"] = True
                     break
+            reader.flush()
     finally:
         ckpt.wait()
         ckpt.close()
         writer.close()
-    summary.update(step=step, seconds=time.perf_counter() - start, compile_seconds=compile_s)
+    if reader.record is not None:
+        summary["train"] = reader.record
+    summary.update(step=step, seconds=time.perf_counter() - start, compile_seconds=reader.compile_s)
     summary["state"] = state
     return summary
 
 
 def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:
-    groups = nonfinite_groups({k: float(v) for k, v in metrics["group_norms"].items()})
+    groups = nonfinite_groups({k: float(v) for k, v in jax.device_get(metrics["group_norms"]).items()})
     where = f"parameter group(s) {', '.join(groups)}" if groups else "the loss"
     log.warning("step %d: non-finite loss or gradients in %s; update skipped (%d in a row)", step, where, skipped)
     if skipped > cfg.train.max_skipped_steps:
@@ -204,5 +283,5 @@ def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:
             f"{cfg.checkpoint.path(cfg.workdir)}")
 
 
-__all__ = ["TrainState", "TrainingDiverged", "evaluate", "prepare_workdir", "train"]
-
+__all__ = ["HeldOut", "TrainState", "TrainingDiverged", "batch_axes_size", "prepare_workdir", "restore_train_state",
+           "train"]
