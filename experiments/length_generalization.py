@@ -148,7 +148,7 @@ def cmd_curriculum(args: argparse.Namespace) -> None:
     config = ROOT / "configs/lengthgen/griffin.yaml"
     steps = args.pretrain + args.post
     common = [f"train.steps={steps}", f"checkpoint.every_steps={steps}", "data.seq_len=512",
-              "data.global_batch_size=4", "eval.batches=32", "model.window=64"]
+              "data.global_batch_size=4", "eval.batches=32", "model.attention.window=64"]
     staged = f"{{kind: staged, batch_mode: constant_tokens, stages: [[{steps // 2}, 128], [{steps}, 512]]}}"
     runs = {"final length (512) from the start": args.out / "curriculum" / "final",
             f"staged: 128 for {steps // 2} steps, then 512": args.out / "curriculum" / "staged"}

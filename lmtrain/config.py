@@ -50,12 +50,7 @@ class Config:
             "a learning-rate re-warm / re-decay (see docs/length_generalization.md).")
 
     def validate(self) -> None:
-        if "A" in self.model.pattern and self.model.window > self.data.seq_len:
-            raise ConfigError(f"model.window {self.model.window} exceeds data.seq_len {self.data.seq_len}: "
-                              "lower model.window or raise data.seq_len")
-        if "G" in self.model.pattern and self.model.max_len < self.data.seq_len:
-            raise ConfigError(f"model.max_len {self.model.max_len} < data.seq_len {self.data.seq_len}: "
-                              "raise model.max_len")
+        self.model.check_length(self.data.seq_len)
         check_interventions(self.train.interventions, self.model)
         check_stages(self.stages)
         if self.data.global_batch_size % self.train.grad_accum:

@@ -1,7 +1,9 @@
 """Logical axis names -> mesh axes.
 
-Parameters carry logical axis names in their `out_sharding` metadata (e.g. `("embed", "mlp")`)
-and activations are annotated with `constrain(x, ("batch", "length", "embed"))`. A rules table
+Parameters carry logical axis names in their `logical_axes` metadata (e.g. `("embed", "mlp")`),
+activations are annotated with `constrain(x, ("batch", "length", "embed"))`, and every leaf of a
+model state has logical axes too (`LanguageModel.state_axes()`, e.g. `("batch", "cache_length",
+"kv", "head_dim")` for an attention KV cache). A rules table
 maps each logical name to a mesh axis, a tuple of mesh axes, or None (replicated). Outside a
 `use_rules(mesh, rules)` context `constrain` is the identity, so models run unsharded as-is.
 """
@@ -17,9 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
-# Logical names used by the models; the trainer's default rules map each of them.
+# Logical names used by the models (parameters, activations, states); the trainer's default rules map
+# each of them. `length` is the activations' sequence axis, `cache_length` a state's (KV cache) one.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "head_dim", "vocab", "lru", "layers",
-                "conv", "window")
+                "conv", "cache_length", "state")
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("lmtrain_rules",
                                                                                     default=None)

@@ -46,8 +46,8 @@ def test_overrides_apply_with_types():
     ("model.dtype=float8", r"model\.dtype: 'float8' is not one of"),
     ("model.scan_backend=asociative", r"did you mean 'associative'"),
     ("model.pattern=RRX", r"model: pattern 'RRX' has unknown letter\(s\) \['X'\]; known: .*R \("),
-    ("model.width=130", r"width 130 is not divisible by num_heads 4"),
-    ("model.window=512", r"model\.window 512 exceeds data\.seq_len 256"),
+    ("model.width=130", r"width 130 is not divisible by rglru\.num_heads 4"),
+    ("model.attention.window=512", r"model\.attention\.window 512 exceeds data\.seq_len 256"),
     ("train.grad_accum=3", r"global_batch_size 8 is not divisible by train\.grad_accum 3"),
     ("mesh.data=-1", r"only one mesh axis may be -1"),
     ("mesh.rules.embd=fsdp", r"unknown logical axis 'embd' \(did you mean 'embed'\?\)"),
@@ -60,8 +60,8 @@ def test_config_errors(override, message):
 
 
 def test_window_only_checked_with_local_attention():
-    cfg = load_config(DEMO, ["model.window=512", "model.pattern=R"])  # no 'A' layer: the window is unused
-    assert cfg.model.window == 512
+    cfg = load_config(DEMO, ["model.attention.window=512", "model.pattern=R"])  # no 'A' layer: window unused
+    assert cfg.model.attention.window == 512
 
 
 def test_missing_and_invalid_files(tmp_path):

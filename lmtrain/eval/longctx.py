@@ -11,7 +11,7 @@ chunks of `chunk` tokens with the model state passed along (DESIGN.md §1: this 
 call), so only one chunk's activations are ever alive: memory is O(batch x chunk), whatever the
 length. Recorded: the NLL of every token, mean NLL in position buckets ([0,T), [T,2T), [2T,4T), ...
 with T the run's `data.seq_len`), a log-spaced loss curve for the plot, and the L2 norm of every
-recurrent layer's state h at each chunk end (state collapse or explosion beyond T shows here).
+recurrent layer's state at each chunk end (state collapse or explosion beyond T shows here).
 The same tokens are also scored with the state restarted every T tokens (`loss_restart`): the
 difference is the effect of the context beyond T, free of which text sits at which position.
 """
@@ -31,8 +31,9 @@ from flax import nnx
 
 from lmtrain.config import Config, ConfigError
 from lmtrain.data.pipeline import make_eval_iterator
-from lmtrain.models import LanguageModel
-from lmtrain.models.rglru import RecurrentState
+from lmtrain.models import LanguageModel, ModelState
+from lmtrain.models.layout import StateLayout
+from lmtrain.models.loss import token_nll
 
 
 class ChunkOutputs(NamedTuple):
@@ -53,39 +54,25 @@ def check_chunking(length: int, chunk: int) -> None:
                          f"{chunk}, e.g. {alternatives}, or a chunk that divides {length}")
 
 
-def recurrent_layers(model: LanguageModel) -> list[int]:
-    """Depth indices of the recurrent layers in the order `state_norms` stacks them."""
-    index = []
-    width = len(model.cfg.pattern)
-    for i, kind in enumerate(model.cfg.pattern if model.repeats else ""):
-        if kind == "R":
-            index += [r * width + i for r in range(model.repeats)]
-    index += [model.repeats * width + j for j, kind in enumerate(model.cfg.pattern[:len(model.tail)]) if kind == "R"]
-    return index
-
-
-def state_norms(state: Any) -> jax.Array:
-    """L2 norm of every recurrent layer's h: [num_recurrent_layers, batch] (same order as recurrent_layers)."""
-    rows = []
-    for group in state.groups:  # per pattern letter, stacked over repeats: h is [repeats, B, L]
-        if isinstance(group, RecurrentState):
-            rows.extend(jnp.linalg.norm(group.h_BxL, axis=-1))
-    rows += [jnp.linalg.norm(s.h_BxL, axis=-1) for s in state.tail if isinstance(s, RecurrentState)]
+def state_norms(layout: StateLayout, state: ModelState) -> jax.Array:
+    """L2 norm of every recurrent layer's state (all its channels): [num_recurrent_layers, batch], in depth
+    order (`layout.layers`)."""
+    rows = [jnp.sqrt(jnp.sum(jnp.square(h.astype(jnp.float32)).reshape(h.shape[0], -1), axis=-1))
+            for _, _, h in layout.layers(state)]
     if not rows:
         return jnp.zeros((0, state.position_B.shape[0]), jnp.float32)
-    return jnp.stack(rows).astype(jnp.float32)
+    return jnp.stack(rows)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _chunk_step(graphdef: Any, params: Any, state: Any, inputs_BxC: jax.Array, targets_BxC: jax.Array) -> tuple:
     """One chunk: (NLL, argmax, state norms, new state). Jitted once per architecture and shape, so
     every checkpoint of a run (and every run of the same architecture) shares the compiled step."""
-    logits_BxCxV, state = nnx.merge(graphdef, params)(inputs_BxC, state=state)
-    logits_BxCxV = logits_BxCxV.astype(jnp.float32)
-    log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    nll_BxC = log_z_BxC - jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    model = nnx.merge(graphdef, params)
+    logits_BxCxV, state = model(inputs_BxC, state=state)
+    nll_BxC, _ = token_nll(logits_BxCxV, targets_BxC)
     pred_BxC = jnp.argmax(logits_BxCxV, axis=-1).astype(jnp.int32)
-    return nll_BxC, pred_BxC, state_norms(state), state
+    return nll_BxC, pred_BxC, state_norms(StateLayout(model.cfg), state), state
 
 
 class ChunkRunner:
@@ -98,9 +85,8 @@ class ChunkRunner:
     def __init__(self, model: LanguageModel, chunk: int):
         check_chunking(chunk, chunk)
         self.model, self.chunk = model, chunk
-        depth = recurrent_layers(model)
-        self._order = np.argsort(depth)
-        self.layers = [f"layer {depth[i]} (R)" for i in self._order]  # names of the state_norm rows
+        self.layers = [f"layer {depth} ({kind})"  # names of the state_norm rows
+                       for depth, kind, _ in StateLayout(model.cfg).layers(model.init_state(1))]
         self._graphdef, params = nnx.split(model)
         # Everything on one device with one sharding, so the state a step returns has the same type as
         # the fresh one it got: one compilation serves every chunk.
@@ -123,7 +109,7 @@ class ChunkRunner:
                                                              inputs_BxL[:, sl], targets_BxL[:, sl])
             nll.append(np.asarray(nll_BxC))
             pred.append(np.asarray(pred_BxC))
-            norms.append(np.asarray(norm_RxB)[self._order])
+            norms.append(np.asarray(norm_RxB))
         return ChunkOutputs(np.concatenate(nll, axis=1), np.concatenate(pred, axis=1), np.stack(norms))
 
 

@@ -31,6 +31,7 @@ from lmtrain.eval.load import checkpoint_steps, load_run, load_run_config
 from lmtrain.eval.longctx import ChunkRunner, check_chunking, evaluate_longctx
 from lmtrain.eval.plots import plot_longctx
 from lmtrain.eval.tasks import evaluate_tasks
+from lmtrain.models.mixers import MIXERS
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +226,12 @@ def evaluate_plan(p: Plan, opts: EvalOptions) -> dict[str, Any]:
     cfg, model, step = load_run(p.workdir, p.step, ema=opts.ema)
     runner = ChunkRunner(model, p.chunk)
     longest = max([p.length] * opts.longctx + p.task_lengths * bool(opts.task_names), default=0)
-    if "G" in cfg.model.pattern and longest > cfg.model.max_len:
-        log.warning("%s: sequences of %d tokens exceed model.max_len=%d: its global-attention (G) layers see "
-                    "only the last %d tokens there (a sliding window)", p.name, longest, cfg.model.max_len,
-                    cfg.model.max_len)
+    for kind in dict.fromkeys(cfg.model.pattern):
+        limit = MIXERS[kind].max_call_len(cfg.model)
+        if limit is not None and longest > limit:
+            log.warning("%s: sequences of %d tokens exceed %d, the context of the %s (%s) layers: they see only the "
+                        "last %d tokens there (a sliding window)", p.name, longest, limit, MIXERS[kind].__name__,
+                        kind, limit)
     tasks = build_tasks(opts, cfg)
     out_dir = p.workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmtrain.configlib import updated
 from lmtrain.models.blocks import ResidualBlock
 from lmtrain.models.config import ModelConfig
+from lmtrain.models.mixers.rglru import lru_width
 from lmtrain.models.model import LanguageModel
+from lmtrain.models.state import layer_slots
 
 # Griffin's block-type names <-> our pattern letters, and the sub-module holding the mixer.
 _LETTER = {"RECURRENT": "R", "ATTENTION": "A"}
@@ -76,8 +79,21 @@ _LEAVES = {
 }
 _FFW_UP_W, _FFW_UP_B = "mlp_block.ffw_up.w", "mlp_block.ffw_up.b"
 
-# Architecture constants hard-coded in recurrentgemma 1.0.1, as ModelConfig values.
-_FIXED = dict(num_kv_heads=1, rope_fraction=0.5, rope_base=10_000.0, conv_width=4, lru_c=8.0, norm_eps=1e-6)
+# Architecture constants hard-coded in recurrentgemma 1.0.1, as (dotted) ModelConfig values.
+_FIXED = {"attention.num_kv_heads": 1, "attention.rope_fraction": 0.5, "attention.rope_base": 10_000.0,
+          "attention.head_dim": 0, "rglru.conv_width": 4, "rglru.c": 8.0, "rglru.min_rad": 0.9,
+          "rglru.max_rad": 0.999, "rglru.sqrt_max_grad": 1000.0, "norm_eps": 1e-6}
+
+
+def _get(cfg: ModelConfig, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _num_heads(cfg: ModelConfig) -> int:
+    """Griffin's one `num_heads`: the RG-LRU gate blocks and the attention heads."""
+    return cfg.rglru.num_heads if "R" in cfg.pattern else cfg.attention.num_heads
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -92,16 +108,15 @@ def griffin_config_to_model_config(griffin_cfg: Any, **overrides: Any) -> ModelC
     if rest:
         raise ValueError(f"Griffin mlp_expanded_width {griffin_cfg.mlp_expanded_width} is not a multiple of "
                          f"width {griffin_cfg.width}; ModelConfig.mlp_expansion must be an integer")
-    kw: dict[str, Any] = dict(
-        vocab_size=griffin_cfg.vocab_size, width=griffin_cfg.width, num_layers=len(letters),
-        pattern=_shortest_period(letters), num_heads=griffin_cfg.num_heads, head_dim=0,
-        window=griffin_cfg.attention_window_size, lru_width=griffin_cfg.lru_width or 0,
-        mlp_expansion=expansion, logit_softcap=float(griffin_cfg.logits_soft_cap),
-        embed_scale=bool(griffin_cfg.embeddings_scale_by_sqrt_dim), lru_min_rad=0.9, lru_max_rad=0.999,
-        lru_sqrt_max_grad=1000.0, **_FIXED)
+    kw: dict[str, Any] = {
+        "vocab_size": griffin_cfg.vocab_size, "width": griffin_cfg.width, "num_layers": len(letters),
+        "pattern": _shortest_period(letters), "attention.num_heads": griffin_cfg.num_heads,
+        "rglru.num_heads": griffin_cfg.num_heads, "attention.window": griffin_cfg.attention_window_size,
+        "rglru.width": griffin_cfg.lru_width or 0, "mlp_expansion": expansion,
+        "logit_softcap": float(griffin_cfg.logits_soft_cap),
+        "embed_scale": bool(griffin_cfg.embeddings_scale_by_sqrt_dim), **_FIXED}
     kw.update(overrides)
-    cfg = ModelConfig(**kw)
-    cfg.validate()
+    cfg = updated(ModelConfig(), kw)
     check_compatible(cfg)
     return cfg
 
@@ -113,9 +128,9 @@ def model_config_to_griffin_config(cfg: ModelConfig, **overrides: Any) -> Any:
     check_compatible(cfg)
     kinds = {"R": common.TemporalBlockType.RECURRENT, "A": common.TemporalBlockType.ATTENTION}
     kw = dict(vocab_size=cfg.vocab_size, width=cfg.width, mlp_expanded_width=cfg.mlp_width,
-              num_heads=cfg.num_heads, block_types=tuple(kinds[k] for k in cfg.layer_kinds),
-              embeddings_scale_by_sqrt_dim=cfg.embed_scale, attention_window_size=cfg.window,
-              logits_soft_cap=cfg.logit_softcap, lru_width=cfg.resolved_lru_width)
+              num_heads=_num_heads(cfg), block_types=tuple(kinds[k] for k in cfg.layer_kinds),
+              embeddings_scale_by_sqrt_dim=cfg.embed_scale, attention_window_size=cfg.attention.window,
+              logits_soft_cap=cfg.logit_softcap, lru_width=lru_width(cfg))
     kw.update(overrides)
     return common.GriffinConfig(**kw)
 
@@ -125,13 +140,13 @@ def check_compatible(cfg: ModelConfig) -> None:
     other = sorted(set(cfg.pattern) - set(_MIXER_MODULE))
     problems = [f"pattern {cfg.pattern!r} has letter(s) {other}; Griffin only has R (recurrent) and "
                 "A (local attention)"] if other else []
-    problems += [f"{name}={getattr(cfg, name)!r} (Griffin: {want!r})" for name, want in _FIXED.items()
-                 if getattr(cfg, name) != want]
-    if cfg.resolved_head_dim != cfg.width // cfg.num_heads:
-        problems.append(f"head_dim={cfg.resolved_head_dim} (Griffin: width // num_heads = "
-                        f"{cfg.width // cfg.num_heads})")
-    if cfg.resolved_lru_width % 2:
-        problems.append(f"lru_width={cfg.resolved_lru_width} (Griffin asserts an even RG-LRU width)")
+    problems += [f"{name}={_get(cfg, name)!r} (Griffin: {want!r})" for name, want in _FIXED.items()
+                 if _get(cfg, name) != want]
+    if "R" in cfg.pattern and "A" in cfg.pattern and cfg.rglru.num_heads != cfg.attention.num_heads:
+        problems.append(f"rglru.num_heads={cfg.rglru.num_heads} != attention.num_heads={cfg.attention.num_heads} "
+                        "(Griffin has one num_heads for both)")
+    if lru_width(cfg) % 2:
+        problems.append(f"rglru.width={lru_width(cfg)} (Griffin asserts an even RG-LRU width)")
     if problems:
         raise ValueError("ModelConfig does not match recurrentgemma's Griffin: " + "; ".join(problems))
 
@@ -180,16 +195,18 @@ def from_recurrentgemma(params: Mapping[str, Any], cfg: ModelConfig) -> dict:
         layers.append(_layer_from_griffin(_flatten(params[name]), kind, shapes[kind], name, cfg))
 
     dtype = jnp.dtype(cfg.param_dtype)
-    p = len(cfg.pattern)
-    repeats = cfg.num_layers // p
+    groups: dict[int, list] = {}
+    for slot in layer_slots(cfg.pattern, cfg.num_layers):
+        if slot.part == "groups":
+            groups.setdefault(slot.index, []).append(layers[slot.depth])  # slots come in depth order
     out = {
         "embedder": {"embedding": _take(_flatten(params.get("embedder", {})), "input_embedding",
                                         (cfg.vocab_size, cfg.width), dtype, "embedder")},
         "final_norm": {"scale": _take(_flatten(params.get("final_norm", {})), "scale", (cfg.width,), dtype,
                                       "final_norm")},
-        "groups": {i: _unflatten(jax.tree.map(lambda *a: jnp.stack(a), *layers[i:repeats * p:p]))
-                   for i in range(p if repeats else 0)},
-        "tail": {j: _unflatten(layer) for j, layer in enumerate(layers[repeats * p:])},
+        "groups": {i: _unflatten(jax.tree.map(lambda *a: jnp.stack(a), *stack)) for i, stack in groups.items()},
+        "tail": {s.index: _unflatten(layers[s.depth]) for s in layer_slots(cfg.pattern, cfg.num_layers)
+                 if s.part == "tail"},
     }
     return {k: v for k, v in out.items() if v}  # like nnx.to_pure_dict: no empty groups/tail
 
@@ -228,17 +245,15 @@ def to_recurrentgemma(model: LanguageModel) -> dict:
                       "logits will differ slightly. Perfect-square widths (64, 256, 1024, 4096) avoid this.",
                       stacklevel=2)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    p, repeats = len(cfg.pattern), model.repeats
     out: dict[str, Any] = {"embedder": {"input_embedding": pure["embedder"]["embedding"]},
                            "final_norm": {"scale": pure["final_norm"]["scale"]}}
-    for i, kind in enumerate(cfg.layer_kinds):
-        r, letter = divmod(i, p)
-        ours = (_flatten(jax.tree.map(lambda a, r=r: a[r], pure["groups"][letter])) if r < repeats
-                else _flatten(pure["tail"][i - repeats * p]))
-        theirs = {g: ours[o] for o, g in _LEAVES[kind].items()}
+    for slot in layer_slots(cfg.pattern, cfg.num_layers):
+        layer = pure[slot.part][slot.index]
+        ours = _flatten(layer if slot.repeat is None else jax.tree.map(lambda a, r=slot.repeat: a[r], layer))
+        theirs = {g: ours[o] for o, g in _LEAVES[slot.kind].items()}
         theirs[_FFW_UP_W] = jnp.stack([ours["mlp.gate.kernel"], ours["mlp.up.kernel"]])
         theirs[_FFW_UP_B] = jnp.stack([ours["mlp.gate.bias"], ours["mlp.up.bias"]])[:, None, None, :]
-        out[f"blocks.{i}"] = _unflatten(theirs)
+        out[f"blocks.{slot.depth}"] = _unflatten(theirs)
     return out
 
 
@@ -277,7 +292,7 @@ def _take(flat: Mapping[str, Any], key: str, shape: tuple, dtype: Any, where: st
     value = flat[key]
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"Griffin parameter {where}.{key} has shape {tuple(value.shape)}, the ModelConfig "
-                         f"expects {tuple(shape)} (check width/lru_width/num_heads/mlp_expansion/vocab_size)")
+                         f"expects {tuple(shape)} (check width/rglru.width/num_heads/mlp_expansion/vocab_size)")
     return jnp.asarray(value, dtype)
 
 

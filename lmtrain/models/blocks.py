@@ -1,9 +1,4 @@
-"""Residual block `x + mixer(norm(x))`, then `x + MLP(norm(x))`, and the registry of mixers.
-
-A mixer is registered under a pattern letter. It is built as `Mixer(cfg, rngs=rngs)`, called as
-`y_BxTxD, state = mixer(x_BxTxD, ctx, state_or_None)` and has `Mixer.init_state(cfg, batch_size)`.
-A new layer kind is one module plus one entry here.
-"""
+"""Residual block `x + mixer(norm(x))`, then `x + MLP(norm(x))`; the mixer comes from the registry."""
 
 from __future__ import annotations
 
@@ -13,18 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.models.attention import GlobalAttention, LocalAttention
-from lmtrain.models.config import ModelConfig
+from lmtrain.models.base_config import CoreConfig
 from lmtrain.models.layers import MLP, RMSNorm
-from lmtrain.models.rglru import RecurrentBlock, SeqContext
-
-MIXERS: dict[str, type] = {"R": RecurrentBlock, "A": LocalAttention, "G": GlobalAttention}
+from lmtrain.models.mixers import MIXERS
+from lmtrain.models.state import SeqContext
 
 
 class ResidualBlock(nnx.Module):
     """One layer: temporal mixer of kind `kind` and a gated-GELU MLP, each pre-normed."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: CoreConfig, kind: str, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm_kw = dict(rngs=rngs, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.mixer_norm = RMSNorm(cfg.width, **norm_kw)

@@ -1,7 +1,9 @@
-"""Basic layers: parameters with logical axes, Linear, BlockDiagonal, RMSNorm, gated MLP, Embedder.
+"""Basic layers: parameters with logical axes, Linear, BlockDiagonal, causal Conv1D, RMSNorm, gated MLP,
+Embedder.
 
 Shape legend used across lmtrain.models: B batch, T time (length), D model width, F MLP width,
-L RG-LRU width, V vocab, N query heads, K key/value heads, H head dim, W window, C conv width.
+L channels of a recurrent layer (RG-LRU width, Mamba conv width), V vocab, N query heads, K key/value
+heads, H head dim, W window, C conv width, S cache length; Mamba-2: H heads, P head dim, N state size.
 """
 
 from __future__ import annotations
@@ -66,6 +68,41 @@ class BlockDiagonal(nnx.Module):
         y_MxL = jnp.concatenate([x_MxL[:, h * size:(h + 1) * size] @ kernel_HxIxI[h] for h in range(self.blocks)],
                                 axis=1)
         return (y_MxL + self.bias[...].reshape(-1).astype(self.dtype)).reshape(x_NxL.shape)
+
+
+class Conv1D(nnx.Module):
+    """Causal depthwise temporal convolution of width C that never looks across a document start."""
+
+    def __init__(self, width: int, conv_width: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, channel_axis: str = "lru"):
+        self.kernel = param(rngs, fan_in_init(0.01), (conv_width, width), param_dtype, ("conv", channel_axis))
+        self.bias = param(rngs, jax.nn.initializers.zeros, (width,), param_dtype, (channel_axis,))
+        self.conv_width, self.dtype = conv_width, dtype
+
+    def __call__(self, x_BxTxL: jax.Array, reset_BxT: jax.Array,
+                 tail_BxCxL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Returns y_BxTxL and the new tail (last C-1 inputs, zeroed if before a document start)."""
+        c, (b, t, width) = self.conv_width, x_BxTxL.shape
+        x_BxTxL = x_BxTxL.astype(self.dtype)
+        if tail_BxCxL is None:
+            tail_BxCxL = jnp.zeros((b, c - 1, width), self.dtype)
+        x_ext = jnp.concatenate([tail_BxCxL.astype(self.dtype), x_BxTxL], axis=1)  # [B, C-1+T, L]
+        reset_ext = jnp.concatenate([jnp.zeros((b, c - 1), bool), reset_BxT], axis=1)
+        kernel_CxL = self.kernel[...].astype(self.dtype)
+        keep_BxT = jnp.ones((b, t), self.dtype)
+        y_BxTxL = jnp.zeros_like(x_BxTxL) + self.bias[...].astype(self.dtype)
+        for shift in range(c):  # x_{t-shift} contributes unless a document starts in (t-shift, t]
+            if shift:
+                keep_BxT = keep_BxT * (1 - reset_ext[:, c - shift: c - shift + t]).astype(self.dtype)
+            window = x_ext[:, c - 1 - shift: c - 1 - shift + t]
+            y_BxTxL = y_BxTxL + window * keep_BxT[..., None] * kernel_CxL[c - 1 - shift]
+        # Tail entries followed by a document start must not reach the next call.
+        valid, keeps = jnp.ones((b,), bool), []
+        for p in range(x_ext.shape[1] - 1, x_ext.shape[1] - c, -1):
+            keeps.append(valid)
+            valid = valid & ~reset_ext[:, p]
+        keep_BxC = jnp.stack(keeps[::-1], axis=1)[..., None]
+        return y_BxTxL, jnp.where(keep_BxC, x_ext[:, x_ext.shape[1] - (c - 1):], 0)
 
 
 class RMSNorm(nnx.Module):

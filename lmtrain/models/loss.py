@@ -1,4 +1,5 @@
-"""Next-token cross-entropy from the final hidden states, chunked over the sequence.
+"""Next-token cross-entropy: from whole logits (`cross_entropy`, `token_nll`) and from the final hidden
+states, chunked over the sequence (`chunked_cross_entropy`).
 
     total, nll = chunked_cross_entropy(hidden_BxTxD, embedding_VxD, targets_BxT, mask_BxT,
                                        softcap=30.0, chunk=256, z_loss=0.0)
@@ -20,6 +21,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+
+def token_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(-log p(target), log Z) of every position, float32; N stands for any leading dims."""
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    log_z_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+    return log_z_N - jnp.take_along_axis(logits_NxV, targets_N[..., None], axis=-1)[..., 0], log_z_N
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token losses incl. z-loss, sum of masked token NLL) from whole logits; float32."""
+    nll_BxT, log_z_BxT = token_nll(logits_BxTxV, targets_BxT)
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    return jnp.sum((nll_BxT + z_loss * jnp.square(log_z_BxT)) * mask_BxT), jnp.sum(nll_BxT * mask_BxT)
 
 
 def _logits(hidden_MxD: jax.Array, embedding_VxD: jax.Array, softcap: float) -> tuple[jax.Array, jax.Array]:
@@ -50,8 +66,7 @@ def _merge(x_NxM: jax.Array, b: int, t: int) -> jax.Array:
 def _chunk_terms(hidden_MxD, embedding_VxD, targets_M, mask_M, softcap, z_loss, grads):
     """One chunk of M = B*C rows: (loss incl. z-loss, NLL) sums and, with `grads`, their logit gradients."""
     logits_MxV, dcap_MxV = _logits(hidden_MxD, embedding_VxD, softcap)
-    log_z_M = jax.nn.logsumexp(logits_MxV, axis=-1)
-    nll_M = log_z_M - jnp.take_along_axis(logits_MxV, targets_M[:, None], axis=-1)[:, 0]
+    nll_M, log_z_M = token_nll(logits_MxV, targets_M)
     sums = (jnp.sum((nll_M + z_loss * jnp.square(log_z_M)) * mask_M), jnp.sum(nll_M * mask_M))
     if not grads:
         return sums, ()

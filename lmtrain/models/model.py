@@ -4,6 +4,7 @@
     hidden_BxTxD, state = model.hidden(tokens_BxT, ...)   # final normed hidden states; same args
     logits_BxTxV = model.logits(hidden_BxTxD)
     state = model.init_state(batch_size)
+    axes = model.state_axes()            # the same tree, each leaf a tuple of logical axis names
 
 For training, `lmtrain.models.loss.chunked_cross_entropy(hidden_BxTxD, model.embedder.embedding[...],
 ...)` computes the loss from `hidden` without materialising the [B, T, V] logits.
@@ -24,17 +25,19 @@ With `scan_layers` the repeats run under `jax.lax.scan`, so compile time does no
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmtrain.models.blocks import MIXERS, ResidualBlock
+from lmtrain.models.blocks import ResidualBlock
 from lmtrain.models.config import ModelConfig
 from lmtrain.models.layers import Embedder, RMSNorm
-from lmtrain.models.rglru import SeqContext
+from lmtrain.models.layout import StateLayout
+from lmtrain.models.mixers import MIXERS
+from lmtrain.models.state import ModelState, SeqContext
 from lmtrain.sharding import constrain
 
 REMAT_POLICIES = {
@@ -42,15 +45,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-class ModelState(NamedTuple):
-    """Everything a model carries between calls (a pytree of arrays)."""
-
-    position_B: jax.Array  # int32: position of the next token within its document
-    segment_B: jax.Array  # int32: segment id of the last token seen; -1 = fresh (next token starts a doc)
-    groups: tuple  # per pattern letter: that mixer's state stacked over repeats
-    tail: tuple  # per remaining layer: its mixer state
 
 
 def _stacked_blocks(cfg: ModelConfig, kind: str, repeats: int, rngs: nnx.Rngs) -> ResidualBlock:
@@ -90,6 +84,10 @@ class LanguageModel(nnx.Module):
         return ModelState(jnp.zeros((batch_size,), jnp.int32), jnp.full((batch_size,), -1, jnp.int32),
                           tuple(stacked(k) for k in (cfg.pattern if self.repeats else "")),
                           tuple(MIXERS[k].init_state(cfg, batch_size) for k in cfg.pattern[:len(self.tail)]))
+
+    def state_axes(self) -> ModelState:
+        """Logical axis names of every leaf of `init_state(...)` (stacked groups lead with `layers`)."""
+        return StateLayout(self.cfg).axes
 
     def _check_state(self, state: ModelState, batch_size: int) -> None:
         want = jax.eval_shape(lambda: self.init_state(batch_size))
@@ -137,9 +135,12 @@ class LanguageModel(nnx.Module):
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]; "
                                  "the tokenizer's vocabulary must fit model.vocab_size")
-        if "G" in self.cfg.pattern and tokens_BxT.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds model.max_len "
-                             f"{self.cfg.max_len} of the global-attention layers; raise model.max_len")
+        for kind in dict.fromkeys(self.cfg.pattern):
+            limit = MIXERS[kind].max_call_len(self.cfg)
+            if limit is not None and tokens_BxT.shape[1] > limit:
+                mixer = MIXERS[kind]
+                raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds {limit}, the longest call the "
+                                 f"{mixer.__name__} ({kind}) layers take; raise model.{mixer.limit_field}")
 
     # --------------------------------------------------------------------------------- forward
     def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,

@@ -1,9 +1,9 @@
-"""Initial-state interventions for length generalization (DESIGN.md §3).
+"""Initial-state interventions for length generalization (docs/length_generalization.md).
 
 Training only ever from `h0 = 0` visits a narrow set of recurrent states; these replace the
 initial state of the batch's rows before the forward pass (a registry keyed by `kind`):
 
-- `noise`: h0 ~ N(0, σ²) in every recurrent (R) layer; σ global or per layer;
+- `noise`: h0 ~ N(0, σ²) in every recurrent layer; σ global or per layer;
 - `fitted_noise`: h0 ~ N(mean, std²) per layer and channel, from running statistics of the final
   states seen in training (`StateStats`, part of the train state, tracked from step 0);
 - `state_passing`: h0 = the final state of a different sequence (the previous step's rows, rolled
@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from lmtrain.configlib import ConfigError, field
-from lmtrain.models.attention import AttentionState
-from lmtrain.models.model import ModelState
-from lmtrain.models.rglru import RecurrentState
+from lmtrain.models.layout import RecurrentLeaf, StateLayout
+from lmtrain.models.state import ModelState, batch_axis
 
 NEEDS_RECURRENT = ("noise", "fitted_noise", "state_passing")
 
@@ -67,20 +66,25 @@ class InterventionConfig:
 
 def check_interventions(cfgs: Sequence[InterventionConfig], model: Any) -> None:
     """Config-time checks that need the model config (`ModelConfig`) and each other."""
-    pattern = model.pattern
-    num_r = sum(pattern[i % len(pattern)] == "R" for i in range(model.num_layers))
+    layout = StateLayout(model)
+    num_recurrent = sum(len(leaf.depths) for leaf in layout.leaves)
     for i, c in enumerate(cfgs):
-        if c.kind in NEEDS_RECURRENT and "R" not in pattern:
+        if c.kind in NEEDS_RECURRENT and not num_recurrent:
             raise ConfigError(f"train.interventions[{i}].kind={c.kind} sets the recurrent state, but "
-                              f"model.pattern {pattern!r} has no recurrent (R) layer; use a pattern with R")
-        if c.kind == "tbptt" and "G" in pattern:
-            raise ConfigError(f"train.interventions[{i}].kind=tbptt cannot carry global attention (G) "
-                              f"across steps; use local attention (A) in model.pattern")
-        if c.layer_noise_std and len(c.layer_noise_std) != num_r:
+                              f"model.pattern {model.pattern!r} has no recurrent layer (a layer kind with a recurrent "
+                              "state, e.g. R or M); use a pattern with one")
+        if c.kind == "tbptt" and layout.unbounded:
+            raise ConfigError(f"train.interventions[{i}].kind=tbptt cannot carry the state of layers whose state grows "
+                              f"with the context ({', '.join(layout.unbounded)}) across steps; use local attention (A)")
+        if c.layer_noise_std and len(c.layer_noise_std) != num_recurrent:
             raise ConfigError(f"train.interventions[{i}].layer_noise_std has {len(c.layer_noise_std)} values; "
-                              f"the model has {num_r} recurrent layers (one value each, in depth order)")
+                              f"the model has {num_recurrent} recurrent layers (one value each, in depth order)")
     if sum(c.kind == "tbptt" for c in cfgs) > 1:
         raise ConfigError("train.interventions: at most one tbptt entry (the data loader streams from its start_step)")
+    decays = {c.stats_decay for c in cfgs if c.kind == "fitted_noise"}
+    if len(decays) > 1:
+        raise ConfigError(f"train.interventions: fitted_noise entries share one running statistic, so they need "
+                          f"one stats_decay; got {sorted(decays)}")
 
 
 def tbptt_start(cfgs: Sequence[InterventionConfig]) -> int | None:
@@ -96,48 +100,40 @@ def needs_stats(cfgs: Sequence[InterventionConfig]) -> bool:
     return any(c.kind == "fitted_noise" for c in cfgs)
 
 
-# --- the recurrent leaves of a ModelState --------------------------------------------------------
+def stats_decay(cfgs: Sequence[InterventionConfig]) -> float:
+    """The EMA decay of the running final-state statistics (shared by every fitted_noise entry)."""
+    return next(c.stats_decay for c in cfgs if c.kind == "fitted_noise")
+
+
+# --- statistics of the recurrent leaves ----------------------------------------------------------
 
 class StateStats(NamedTuple):
     """Running per-layer, per-channel statistics of final recurrent states (float32)."""
 
-    mean: tuple  # per recurrent state in ModelState order: [..., L] (stacked groups keep the layer axis)
+    mean: tuple  # per recurrent leaf (StateLayout order): the leaf without its rows axis
     mean_sq: tuple
     count: jax.Array  # number of updates (for bias correction)
 
 
-def _recurrent_leaves(state: ModelState) -> list[jax.Array]:
-    """The h arrays of every R layer, in a fixed order (groups, then tail)."""
-    return [s.h_BxL for s in (*state.groups, *state.tail) if isinstance(s, RecurrentState)]
+def _rows(layout: StateLayout) -> list[int]:
+    """The rows axis of each recurrent leaf."""
+    return [batch_axis(leaf.axes) for leaf in layout.leaves]
 
 
-def _recurrent_depths(state: ModelState) -> list[list[int]]:
-    """Per recurrent leaf, the depth (layer index) of each layer it holds (groups: one per repeat)."""
-    period = len(state.groups)
-    repeats = jax.tree.leaves(state.groups[0])[0].shape[0] if period else 0  # groups stack over repeats
-    depths = [[r * period + i for r in range(repeats)]
-              for i, s in enumerate(state.groups) if isinstance(s, RecurrentState)]
-    depths += [[repeats * period + j] for j, s in enumerate(state.tail) if isinstance(s, RecurrentState)]
-    return depths
-
-
-def _replace_recurrent(state: ModelState, new_h: list[jax.Array]) -> ModelState:
-    it = iter(new_h)
-    swap = lambda s: s._replace(h_BxL=next(it)) if isinstance(s, RecurrentState) else s
-    return state._replace(groups=tuple(swap(s) for s in state.groups), tail=tuple(swap(s) for s in state.tail))
-
-
-def init_stats(state: ModelState) -> StateStats:
-    """Zero statistics shaped like the per-channel state of each R layer (batch axis dropped)."""
-    zeros = tuple(jnp.zeros(h.shape[:-2] + h.shape[-1:], jnp.float32) for h in _recurrent_leaves(state))
+def init_stats(layout: StateLayout, state: ModelState) -> StateStats:
+    """Zero statistics shaped like each recurrent leaf of `state` without its rows axis."""
+    zeros = tuple(jnp.zeros(h.shape[:ax] + h.shape[ax + 1:], jnp.float32)
+                  for h, ax in zip(layout.recurrent(state), _rows(layout)))
     return StateStats(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
-def update_stats(stats: StateStats, final: ModelState, decay: float) -> StateStats:
+def update_stats(layout: StateLayout, stats: StateStats, final: ModelState, decay: float) -> StateStats:
     """EMA of mean and mean-square over the batch of final states (bias-corrected when read)."""
-    hs = [jnp.asarray(h, jnp.float32) for h in _recurrent_leaves(final)]
-    mean = tuple(decay * m + (1 - decay) * jnp.mean(h, axis=-2) for m, h in zip(stats.mean, hs))
-    mean_sq = tuple(decay * m + (1 - decay) * jnp.mean(jnp.square(h), axis=-2) for m, h in zip(stats.mean_sq, hs))
+    hs = [jnp.asarray(h, jnp.float32) for h in layout.recurrent(final)]
+    axes = _rows(layout)
+    mean = tuple(decay * m + (1 - decay) * jnp.mean(h, axis=ax) for m, h, ax in zip(stats.mean, hs, axes))
+    mean_sq = tuple(decay * m + (1 - decay) * jnp.mean(jnp.square(h), axis=ax)
+                    for m, h, ax in zip(stats.mean_sq, hs, axes))
     return StateStats(mean, mean_sq, stats.count + 1)
 
 
@@ -149,26 +145,12 @@ def fitted_moments(stats: StateStats, decay: float) -> tuple[list[jax.Array], li
     return means, stds
 
 
-def batch_axis(path: tuple) -> int:
-    """Axis of the rows in a ModelState leaf: 1 under `groups` (stacked over repeats), else 0."""
-    return 1 if path and getattr(path[0], "name", None) == "groups" else 0
-
-
-def select_rows(chosen_B: jax.Array, new: ModelState, old: ModelState) -> ModelState:
-    """`new` on the chosen rows, `old` elsewhere, leaf by leaf."""
-    def pick(path, n, o):
-        shape = [1] * n.ndim
-        shape[batch_axis(path)] = -1
-        return jnp.where(chosen_B.reshape(shape), n, o)
-
-    return jax.tree_util.tree_map_with_path(pick, new, old)
-
-
 # --- the interventions ---------------------------------------------------------------------------
 
 class Inputs(NamedTuple):
     """What an intervention may draw on at one step."""
 
+    layout: StateLayout  # the model's state layout (which leaves are recurrent, where the rows are)
     fresh: ModelState  # init_state of the batch
     first_segment_B: jax.Array  # int32: the segment id of each row's first token
     carry: ModelState | None  # the previous step's final state (state_passing, tbptt)
@@ -177,11 +159,19 @@ class Inputs(NamedTuple):
 
 def _continuing(inp: Inputs, hs: list[jax.Array]) -> ModelState:
     """The fresh state with recurrent states `hs`, marked as continuing into the row's first segment."""
-    return _replace_recurrent(inp.fresh, hs)._replace(segment_B=inp.first_segment_B)
+    return inp.layout.with_recurrent(inp.fresh, hs)._replace(segment_B=inp.first_segment_B)
+
+
+def _per_layer(values: list[float], leaf: RecurrentLeaf, ndim: int) -> jax.Array:
+    """One value per layer of `leaf`, shaped to broadcast against it (along `layers` when stacked)."""
+    if leaf.part == "groups":
+        return jnp.asarray(values, jnp.float32).reshape((-1,) + (1,) * (ndim - 1))
+    return jnp.asarray(values[0], jnp.float32)
 
 
 def _noise(cfg: InterventionConfig, inp: Inputs, rng: jax.Array) -> ModelState:
-    hs, depths = _recurrent_leaves(inp.fresh), _recurrent_depths(inp.fresh)
+    layout = inp.layout
+    hs, depths = layout.recurrent(inp.fresh), layout.depths
     if cfg.layer_noise_std:
         order = sorted(d for ds in depths for d in ds)
         if len(order) != len(cfg.layer_noise_std):
@@ -191,35 +181,31 @@ def _noise(cfg: InterventionConfig, inp: Inputs, rng: jax.Array) -> ModelState:
     else:
         std_of = {d: cfg.noise_std for ds in depths for d in ds}
     out = []
-    for key, h, ds in zip(jax.random.split(rng, len(hs)), hs, depths):
-        std = jnp.asarray([std_of[d] for d in ds], jnp.float32).reshape((-1,) + (1,) * 2)  # [layers, 1, 1]
-        std = std if h.ndim == 3 else std[0]
+    for key, h, leaf in zip(jax.random.split(rng, len(hs)), hs, layout.leaves):
+        std = _per_layer([std_of[d] for d in leaf.depths], leaf, h.ndim)
         out.append(std * jax.random.normal(key, h.shape, jnp.float32))
     return _continuing(inp, out)
 
 
 def _fitted_noise(cfg: InterventionConfig, inp: Inputs, rng: jax.Array) -> ModelState:
-    hs = _recurrent_leaves(inp.fresh)
+    hs = inp.layout.recurrent(inp.fresh)
     means, stds = fitted_moments(inp.stats, cfg.stats_decay)
-    out = [jnp.expand_dims(m, -2) + jnp.expand_dims(s, -2) * jax.random.normal(k, h.shape, jnp.float32)
-           for k, h, m, s in zip(jax.random.split(rng, len(hs)), hs, means, stds)]
+    out = [jnp.expand_dims(m, ax) + jnp.expand_dims(s, ax) * jax.random.normal(k, h.shape, jnp.float32)
+           for k, h, m, s, ax in zip(jax.random.split(rng, len(hs)), hs, means, stds, _rows(inp.layout))]
     return _continuing(inp, out)
 
 
 def _state_passing(cfg: InterventionConfig, inp: Inputs, rng: jax.Array) -> ModelState:
     del cfg, rng
-    rolled = [jax.lax.stop_gradient(jnp.roll(h, 1, axis=-2)) for h in _recurrent_leaves(inp.carry)]
+    rolled = [jax.lax.stop_gradient(jnp.roll(h, 1, axis=ax))
+              for h, ax in zip(inp.layout.recurrent(inp.carry), _rows(inp.layout))]
     return _continuing(inp, rolled)
 
 
 def _tbptt(cfg: InterventionConfig, inp: Inputs, rng: jax.Array) -> ModelState:
     del rng
     carry = jax.lax.stop_gradient(inp.carry)
-    if cfg.carry_attention:
-        return carry
-    fresh_attn = lambda c, f: f if isinstance(f, AttentionState) else c
-    return carry._replace(groups=tuple(map(fresh_attn, carry.groups, inp.fresh.groups)),
-                          tail=tuple(map(fresh_attn, carry.tail, inp.fresh.tail)))
+    return carry if cfg.carry_attention else inp.layout.only_recurrent_layers(carry, inp.fresh)
 
 
 INTERVENTIONS: dict[str, Callable[[InterventionConfig, Inputs, jax.Array], ModelState]] = {
@@ -245,20 +231,20 @@ def initial_state(cfgs: Sequence[InterventionConfig], inp: Inputs, step: jax.Arr
     for i, cfg in enumerate(cfgs):
         pick_key, kind_key = jax.random.split(jax.random.fold_in(rng, i))
         chosen_B = _active(cfg, step) & (jax.random.uniform(pick_key, touched_B.shape) < cfg.prob)
-        state = select_rows(chosen_B, INTERVENTIONS[cfg.kind](cfg, inp, kind_key), state)
+        state = inp.layout.select_rows(chosen_B, INTERVENTIONS[cfg.kind](cfg, inp, kind_key), state)
         touched_B = touched_B | chosen_B
     return state, touched_B
 
 
-def state_rms(state: ModelState) -> jax.Array:
-    """Root-mean-square of all recurrent states (a scalar diagnostic; 0 without R layers)."""
-    hs = _recurrent_leaves(state)
+def state_rms(layout: StateLayout, state: ModelState) -> jax.Array:
+    """Root-mean-square of all recurrent states (a scalar diagnostic; 0 without recurrent layers)."""
+    hs = layout.recurrent(state)
     if not hs:
         return jnp.zeros((), jnp.float32)
     total = sum(jnp.sum(jnp.square(jnp.asarray(h, jnp.float32))) for h in hs)
     return jnp.sqrt(total / sum(h.size for h in hs))
 
 
-__all__ = ["INTERVENTIONS", "InterventionConfig", "Inputs", "StateStats", "batch_axis", "check_interventions",
-           "fitted_moments", "init_stats", "initial_state", "needs_carry", "needs_stats",
-           "select_rows", "state_rms", "tbptt_start", "update_stats"]
+__all__ = ["INTERVENTIONS", "InterventionConfig", "Inputs", "StateStats", "check_interventions", "fitted_moments",
+           "init_stats", "initial_state", "needs_carry", "needs_stats", "state_rms", "stats_decay", "tbptt_start",
+           "update_stats"]

@@ -44,7 +44,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "lru": "tensor",
     "layers": None,
     "conv": None,
-    "window": None,
+    "cache_length": None,
+    "state": None,
 }
 
 

@@ -9,7 +9,7 @@ jits one step with explicit in/out shardings and the state donated.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +17,25 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmtrain.config import Config
-from lmtrain.models import LanguageModel
-from lmtrain.models.loss import chunked_cross_entropy
-from lmtrain.models.model import ModelState
+from lmtrain.data.config import DataConfig, StageConfig
+from lmtrain.models import LanguageModel, ModelConfig, ModelState
+from lmtrain.models.layout import StateLayout
+from lmtrain.models.loss import chunked_cross_entropy, cross_entropy
+from lmtrain.models.state import map_with_axes
 from lmtrain.sharding import logical_to_spec, use_rules
 from lmtrain.train import interventions as iv
 from lmtrain.train import mesh as mesh_lib
-from lmtrain.train.interventions import batch_axis
-from lmtrain.train.optimizer import ema_update, grad_norms, make_optimizer, make_schedule, opt_state_specs
+from lmtrain.train.config import TrainConfig
+from lmtrain.train.mesh import MeshConfig
+from lmtrain.train.optimizer import (
+    OptimizerConfig,
+    ScheduleConfig,
+    ema_update,
+    grad_norms,
+    make_optimizer,
+    make_schedule,
+    opt_state_specs,
+)
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 NORM_GROUP_DEPTH = 3  # e.g. "groups/0/mixer": fine enough to name an offending parameter group
@@ -42,42 +52,34 @@ class TrainState(NamedTuple):
     stats: Any = None  # interventions.StateStats of final recurrent states (fitted_noise), or None
 
 
-def _rows_split(tree: Any, accum: int) -> Any:
-    """Rows i * accum + j of a batch dict or ModelState to microbatch j: [..B..] -> [accum, ..B/accum..].
+class RunSections(Protocol):
+    """The config sections a Trainer reads (the run's `lmtrain.config.Config` has them all)."""
 
-    Rows are on `interventions.batch_axis` (1 for a ModelState's stacked groups, else 0)."""
-    def split(path, x):
-        axis = batch_axis(path)
-        x = x.reshape(x.shape[:axis] + (-1, accum) + x.shape[axis + 1:])
-        return jnp.moveaxis(x, axis + 1, 0)
-
-    return jax.tree_util.tree_map_with_path(split, tree)
-
-
-def _rows_merge(tree: Any) -> Any:
-    """Inverse of `_rows_split` for a ModelState stacked over microbatches."""
-    def merge(path, x):
-        axis = batch_axis(path)
-        x = jnp.moveaxis(x, 0, axis + 1)
-        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
-
-    return jax.tree_util.tree_map_with_path(merge, tree)
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    mesh: MeshConfig
+    train: TrainConfig
+    stages: tuple[StageConfig, ...]
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
-                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token losses incl. z-loss, sum of masked token NLL); float32."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    nll = log_z - jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    mask = mask_BxT.astype(jnp.float32)
-    return jnp.sum((nll + z_loss * jnp.square(log_z)) * mask), jnp.sum(nll * mask)
+def split_rows(x: jax.Array, axis: int, accum: int) -> jax.Array:
+    """Rows i * accum + j on `axis` to microbatch j: [..B..] -> [accum, ..B/accum..]."""
+    x = x.reshape(x.shape[:axis] + (-1, accum) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def merge_rows(x: jax.Array, axis: int) -> jax.Array:
+    """Inverse of `split_rows`: [accum, ..B/accum..] -> [..B..]."""
+    x = jnp.moveaxis(x, 0, axis + 1)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
 class Trainer:
     """Holds the model graph, optimizer, mesh and shardings; builds and compiles the steps."""
 
-    def __init__(self, cfg: Config, mesh: Mesh):
+    def __init__(self, cfg: RunSections, mesh: Mesh):
         self.cfg, self.mesh, self.rules = cfg, mesh, cfg.mesh.rules
         abstract_model = nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0)))
         self.graphdef, self.abstract_vars = nnx.split(abstract_model)
@@ -93,10 +95,9 @@ class Trainer:
         opt_sh = jax.tree.map(named, opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         self.interventions = cfg.train.interventions
         self.extras_configured = (iv.needs_carry(self.interventions), iv.needs_stats(self.interventions))
-        batch_spec = logical_to_spec(("batch",), self.rules)
-        rows_sh = lambda path, _: named(PartitionSpec(*([None] * batch_axis(path)), *batch_spec))
+        self.layout = StateLayout(cfg.model)
         carry, stats = jax.eval_shape(lambda: self._extras(True))  # shapes whether configured or not
-        self._any_extras = (jax.tree_util.tree_map_with_path(rows_sh, carry), jax.tree.map(lambda _: replicated, stats))
+        self._any_extras = (self.state_shardings(carry), jax.tree.map(lambda _: replicated, stats))
         carry_sh, stats_sh = (sh if on else None for sh, on in zip(self._any_extras, self.extras_configured))
         self.state_sharding = TrainState(replicated, param_sh, opt_sh, replicated,
                                          param_sh if cfg.optimizer.ema_decay else None, replicated,
@@ -106,6 +107,14 @@ class Trainer:
                                    out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
         self._eval_step = jax.jit(self._eval, in_shardings=(param_sh, self.batch_sharding),
                                   out_shardings=replicated)
+
+    def state_shardings(self, state: ModelState) -> ModelState:
+        """Shardings of a model state (e.g. the carry) from its leaves' logical axes and the rules."""
+        def sharding(axes: tuple, leaf: Any) -> NamedSharding:
+            spec = mesh_lib.fit_spec(logical_to_spec(axes, self.rules), leaf.shape, self.mesh, name="model state")
+            return NamedSharding(self.mesh, spec)
+
+        return map_with_axes(sharding, self.layout.axes, state)
 
     # ------------------------------------------------------------------------------------ init
     def init_state(self) -> TrainState:
@@ -129,7 +138,7 @@ class Trainer:
         model = nnx.merge(self.graphdef, self.abstract_vars)  # init_state needs no parameter values
         use_carry, use_stats = (True, True) if all_ else self.extras_configured
         carry = model.init_state(self.cfg.data.global_batch_size) if use_carry else None
-        stats = iv.init_stats(model.init_state(1)) if use_stats else None
+        stats = iv.init_stats(self.layout, model.init_state(1)) if use_stats else None
         return carry, stats
 
     def fresh_extras(self) -> tuple[ModelState | None, iv.StateStats | None]:
@@ -179,7 +188,7 @@ class Trainer:
         if not self.interventions:
             return None, {}
         rows = batch["inputs"].shape[0]
-        inputs = iv.Inputs(self.model(state.params).init_state(rows), batch["segment_ids"][:, 0],
+        inputs = iv.Inputs(self.layout, self.model(state.params).init_state(rows), batch["segment_ids"][:, 0],
                            state.carry, state.stats)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         state0, touched_B = iv.initial_state(self.interventions, inputs, state.step, rng)
@@ -202,9 +211,11 @@ class Trainer:
                     return jax.tree.map(jnp.add, carry, (t, n, c, g)), f
 
                 zeros = (0.0, 0.0, 0.0, jax.tree.map(jnp.zeros_like, state.params))
-                xs = (_rows_split(batch, accum), None if state0 is None else _rows_split(state0, accum))
+                split = lambda axis, x: split_rows(x, axis, accum)
+                xs = ({k: split(0, v) for k, v in batch.items()},
+                      None if state0 is None else self.layout.map_rows(split, state0))
                 (total, nll, count, grads), finals = jax.lax.scan(body, zeros, xs)
-                final = _rows_merge(finals)
+                final = self.layout.map_rows(lambda axis, x: merge_rows(x, axis), finals)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         gnorm, group = grad_norms(grads, depth=NORM_GROUP_DEPTH)
@@ -220,13 +231,12 @@ class Trainer:
         carry = None if state.carry is None else final
         stats = state.stats
         if stats is not None:
-            decay = next(c.stats_decay for c in self.interventions if c.kind == "fitted_noise")
-            stats = keep(iv.update_stats(stats, final, decay), stats)
+            stats = keep(iv.update_stats(self.layout, stats, final, iv.stats_decay(self.interventions)), stats)
         new_state = TrainState(state.step + 1, params, opt_state, state.rng, ema,
                                jnp.where(finite, 0, state.skipped + 1), carry, stats)
         metrics = {"loss": nll / denom, "grad_norm": gnorm, "finite": finite, "tokens": count,
-                   "lr": self.lr_schedule(state.step), "group_norms": group, "state_rms": iv.state_rms(final),
-                   **extra}
+                   "lr": self.lr_schedule(state.step), "group_norms": group,
+                   "state_rms": iv.state_rms(self.layout, final), **extra}
         return new_state, metrics
 
     def _eval(self, params: Any, batch: dict) -> dict:

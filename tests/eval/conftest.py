@@ -17,7 +17,8 @@ from lmtrain.train.mesh import make_mesh
 from lmtrain.train.step import Trainer, TrainState
 
 CONFIG = Path(__file__).parents[2] / "configs" / "demo.yaml"
-TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.lru_width=32",
+TINY = ["model.width=32", "model.num_layers=3", "model.rglru.num_heads=2", "model.attention.num_heads=2",
+        "model.attention.window=16", "model.rglru.width=32",
         "data.seq_len=32", "data.global_batch_size=4", "train.steps=2", "schedule.warmup_steps=1",
         "checkpoint.async_save=false", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 

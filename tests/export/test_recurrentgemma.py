@@ -13,6 +13,7 @@ pytest.importorskip("recurrentgemma")
 from recurrentgemma import common  # noqa: E402
 from recurrentgemma.jax import griffin  # noqa: E402
 
+from lmtrain.configlib import updated  # noqa: E402
 from lmtrain.export.recurrentgemma import (  # noqa: E402
     from_recurrentgemma,
     griffin_config_to_model_config,
@@ -164,26 +165,27 @@ def test_round_trip_is_exact(name):
 
 def test_config_mapping():
     cfg = griffin_config_to_model_config(griffin_config("griffin"))
-    assert (cfg.pattern, cfg.num_layers, cfg.num_kv_heads, cfg.window, cfg.mlp_expansion) == ("RRA", 5, 1, 8, 3)
-    assert (cfg.rope_fraction, cfg.rope_base, cfg.logit_softcap, cfg.embed_scale) == (0.5, 10_000.0, 30.0, True)
+    att = cfg.attention
+    assert (cfg.pattern, cfg.num_layers, att.num_kv_heads, att.window, cfg.mlp_expansion) == ("RRA", 5, 1, 8, 3)
+    assert (att.rope_fraction, att.rope_base, cfg.logit_softcap, cfg.embed_scale) == (0.5, 10_000.0, 30.0, True)
     gemma_2b = common.GriffinConfig.from_preset(common.Preset.RECURRENT_GEMMA_2B_V1)
     big = griffin_config_to_model_config(gemma_2b)
-    assert (big.pattern, big.num_layers, big.width, big.window) == ("RRA", 26, 2560, 2048)
+    assert (big.pattern, big.num_layers, big.width, big.attention.window) == ("RRA", 26, 2560, 2048)
 
 
 def test_errors_name_the_parameter():
     params, _, _ = reference("griffin")
     cfg = griffin_config_to_model_config(griffin_config("griffin"))
     with pytest.raises(ValueError, match=r"blocks\.1 is R, but layer 1 of pattern 'RAR' .layers 'RARRA'. is A"):
-        from_recurrentgemma(params, ModelConfig(**{**vars(cfg), "pattern": "RAR"}))
+        from_recurrentgemma(params, updated(cfg, {"pattern": "RAR"}))
     with pytest.raises(ValueError, match="have 5 layers.*num_layers=6"):
-        from_recurrentgemma(params, ModelConfig(**{**vars(cfg), "num_layers": 6}))
+        from_recurrentgemma(params, updated(cfg, {"num_layers": 6}))
     with pytest.raises(ValueError, match=r"blocks\.0\.recurrent_block\.rg_lru\.input_gate\.w has shape \(4, 16, 16\)"):
-        from_recurrentgemma(params, ModelConfig(**{**vars(cfg), "num_heads": 2}))
+        from_recurrentgemma(params, updated(cfg, {"rglru.num_heads": 2, "attention.num_heads": 2}))
     broken = {**params, "blocks.3": {**params["blocks.3"], "extra": {"w": jnp.zeros(3)}}}
     with pytest.raises(ValueError, match=r"unexpected \['blocks\.3\.extra\.w'\]"):
         from_recurrentgemma(broken, cfg)
     with pytest.raises(ValueError, match="num_kv_heads=2.*rope_fraction=1.0"):
-        from_recurrentgemma(params, ModelConfig(**{**vars(cfg), "num_kv_heads": 2, "rope_fraction": 1.0}))
+        from_recurrentgemma(params, updated(cfg, {"attention.num_kv_heads": 2, "attention.rope_fraction": 1.0}))
     with pytest.raises(ValueError, match="letter.*'G'"):
         griffin_config_to_model_config(griffin_config("griffin"), pattern="RRG")

@@ -1,7 +1,9 @@
 """Parameter count and analytic FLOPs against hand counts for a small config."""
 
+from lmtrain.configlib import updated
 from lmtrain.models import ModelConfig
-from lmtrain.models.flops import count_params, forward_flops_per_token, mean_context, train_flops_per_token
+from lmtrain.models.flops import count_params, forward_flops_per_token, train_flops_per_token
+from lmtrain.models.mixers.attention import mean_context
 
 
 def test_mean_context_closed_form():
@@ -10,8 +12,9 @@ def test_mean_context_closed_form():
 
 
 def test_hand_count_griffin():
-    cfg = ModelConfig(vocab_size=100, width=8, num_layers=3, pattern="RRA", num_heads=2, num_kv_heads=1,
-                      window=2, lru_width=12, mlp_expansion=3)
+    cfg = updated(ModelConfig(), {"vocab_size": 100, "width": 8, "num_layers": 3, "pattern": "RRA", "mlp_expansion": 3,
+                                  "attention.num_heads": 2, "attention.num_kv_heads": 1, "attention.window": 2,
+                                  "rglru.num_heads": 2, "rglru.width": 12})
     d, f, lw, h, hd, c, v = 8, 24, 12, 2, 4, 4, 100
     mlp_params = 2 * (d * f + f) + f * d + d
     norms = 2 * d

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lmtrain.configlib import updated
 from lmtrain.models import LanguageModel, ModelConfig
 from lmtrain.models.loss import chunked_cross_entropy
 
@@ -72,8 +73,9 @@ def rel_err(got, want):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_hidden_path_equals_logits_path(dtype):
-    cfg = ModelConfig(vocab_size=50, width=32, num_layers=3, pattern="RRA", window=6, lru_width=24,
-                      mlp_expansion=2, logit_softcap=30.0, dtype=dtype)
+    cfg = updated(ModelConfig(), {"vocab_size": 50, "width": 32, "num_layers": 3, "pattern": "RRA",
+                                  "attention.window": 6, "rglru.width": 24, "mlp_expansion": 2, "logit_softcap": 30.0,
+                                  "dtype": dtype})
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     tok = jax.random.randint(jax.random.key(1), (2, 21), 0, 50)
     targets, mask = jnp.roll(tok, -1, axis=1), jnp.ones((2, 21), bool).at[:, -1].set(False)

@@ -1,4 +1,4 @@
-"""LanguageModel: the state contract (DESIGN.md §1) for every layer kind, packing, errors."""
+"""LanguageModel: the state contract (docs/models.md) for every layer kind, packing, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lmtrain.configlib import updated
 from lmtrain.models import LanguageModel, ModelConfig
 
 PATTERNS = ["R", "A", "G", "RAG"]
 
 
 def tiny(pattern: str, **kw) -> LanguageModel:
-    base = dict(vocab_size=50, width=32, num_layers=4, pattern=pattern, num_heads=4, num_kv_heads=2,
-                window=6, max_len=64, lru_width=24, mlp_expansion=2)
-    base.update(kw)
-    return LanguageModel(ModelConfig(**base), rngs=nnx.Rngs(0))
+    base = {"vocab_size": 50, "width": 32, "num_layers": 4, "pattern": pattern, "mlp_expansion": 2,
+            "rglru.num_heads": 4, "rglru.width": 24, "attention.num_heads": 4, "attention.num_kv_heads": 2,
+            "attention.window": 6, "attention.max_len": 64}
+    return LanguageModel(updated(ModelConfig(), {**base, **kw}), rngs=nnx.Rngs(0))
 
 
 def tokens(b: int = 2, t: int = 24, seed: int = 1) -> jax.Array:
@@ -149,7 +150,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="float32"):
         model(tok, state=bad)
     with pytest.raises(ValueError, match="max_len"):
-        call(tiny("G", max_len=16), tokens(t=20))
+        call(tiny("G", **{"attention.max_len": 16}), tokens(t=20))
     # under jit the range can't be checked eagerly: a bad id surfaces as NaN, never silently
     logits = nnx.jit(lambda m, t: m(t)[0])(model, tok.at[0, 3].set(60))
     assert bool(jnp.isnan(logits[0, 3]).all()) and bool(jnp.isfinite(logits[1]).all())

@@ -151,7 +151,8 @@ def test_data_state_per_process_and_other_process_count(tmp_path, monkeypatch, c
 
 # --------------------------------------------------------------------------- two processes end to end
 
-TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "data.seq_len=32",
+TINY = ["model.width=32", "model.num_layers=3", "model.rglru.num_heads=2", "model.attention.num_heads=2",
+        "model.attention.window=16", "data.seq_len=32",
         "data.global_batch_size=4", "train.steps=4", "schedule.warmup_steps=1", "eval.every_steps=0",
         "eval.batches=1", "checkpoint.every_steps=2", "checkpoint.async_save=false", "log.progress=false",
         "log.tensorboard=false", "log.every_steps=1", "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]

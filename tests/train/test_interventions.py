@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmtrain.configlib import ConfigError, from_dict
+from lmtrain.configlib import ConfigError, from_dict, updated
 from lmtrain.models import LanguageModel, ModelConfig
+from lmtrain.models.layout import StateLayout
 from lmtrain.train.interventions import Inputs, InterventionConfig, fitted_moments, init_stats, update_stats
 from lmtrain.train.interventions import initial_state as apply_all
 
-CFG = ModelConfig(vocab_size=50, width=16, num_layers=4, pattern="RRA", num_heads=2, window=4, lru_width=32)
+CFG = updated(ModelConfig(), {"vocab_size": 50, "width": 16, "num_layers": 4, "pattern": "RRA", "rglru.num_heads": 2,
+                              "attention.num_heads": 2, "attention.window": 4, "rglru.width": 32})
+LAYOUT = StateLayout(CFG)
 B = 512
 
 
@@ -21,7 +24,7 @@ def fresh():
 
 
 def initial_state(cfg, fresh, step, rng, first_seg, stats=None, previous=None):
-    return apply_all([cfg], Inputs(fresh, first_seg, previous, stats), step, rng)[0]
+    return apply_all([cfg], Inputs(LAYOUT, fresh, first_seg, previous, stats), step, rng)[0]
 
 
 def hs(state):
@@ -52,14 +55,14 @@ def test_step_range(fresh):
 
 def test_fitted_noise_recovers_running_moments(fresh):
     cfg = InterventionConfig(kind="fitted_noise", stats_decay=0.9)
-    stats = init_stats(fresh)
+    stats = init_stats(LAYOUT, fresh)
     mu, sigma = 0.5, 0.2
     for i in range(60):
         noisy = [mu + sigma * jax.random.normal(jax.random.key(i * 3 + j), h.shape) for j, h in enumerate(hs(fresh))]
         final = fresh._replace(groups=(fresh.groups[0]._replace(h_BxL=noisy[0]),
                                        fresh.groups[1]._replace(h_BxL=noisy[1]), fresh.groups[2]),
                                tail=(fresh.tail[0]._replace(h_BxL=noisy[2]),))
-        stats = update_stats(stats, final, cfg.stats_decay)
+        stats = update_stats(LAYOUT, stats, final, cfg.stats_decay)
     means, stds = fitted_moments(stats, cfg.stats_decay)
     for m, s in zip(means, stds):
         np.testing.assert_allclose(m, mu, atol=0.03)
@@ -102,7 +105,7 @@ def test_interventions_compose_later_wins(fresh):
     seg = jnp.zeros((B,), jnp.int32)
     cfgs = [InterventionConfig(kind="noise", noise_std=1.0), InterventionConfig(kind="noise", noise_std=0.01,
                                                                                 prob=0.5)]
-    out, touched = apply_all(cfgs, Inputs(fresh, seg, None, None), jnp.int32(0), jax.random.key(0))
+    out, touched = apply_all(cfgs, Inputs(LAYOUT, fresh, seg, None, None), jnp.int32(0), jax.random.key(0))
     assert bool(jnp.all(touched))
     row_std = np.asarray(jnp.std(out.tail[0].h_BxL, axis=-1))
     small = row_std < 0.1

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from lmtrain.config import load_config
+from lmtrain.models.loss import cross_entropy
 from lmtrain.train.mesh import make_mesh
-from lmtrain.train.step import Trainer, cross_entropy
+from lmtrain.train.step import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # through the persistent compilation cache). V=260 and widths divide the 2x2x2 mesh. Adam's first
 # updates are ~ g / (|g| + eps): eps=1e-6 keeps float reduction-order noise in tiny gradients from
 # being amplified by lr/eps beyond the 1e-5 tolerance of the equivalence tests.
-TINY = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
+TINY = ["model.width=32", "model.num_layers=3", "model.rglru.num_heads=2", "model.attention.num_heads=2",
+        "model.attention.window=16", "model.vocab_size=260",
         "data.seq_len=32", "data.global_batch_size=8", "schedule.kind=constant", "schedule.warmup_steps=4",
         "optimizer.lr=3e-3", "optimizer.eps=1e-6", "optimizer.ema_decay=0.9",
         "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]

@@ -8,12 +8,14 @@ import pytest
 
 from lmtrain.config import load_config
 from lmtrain.configlib import ConfigError
-from lmtrain.train import interventions as iv
+from lmtrain.models.loss import cross_entropy
+from lmtrain.models.mixers.attention import AttentionState
 from lmtrain.train.mesh import make_mesh
-from lmtrain.train.step import Trainer, cross_entropy
+from lmtrain.train.step import Trainer
 
 # lr = 0: the parameters never change, so every step's loss can be checked against a plain forward.
-BASE = ["model.width=32", "model.num_layers=3", "model.num_heads=2", "model.window=16", "model.vocab_size=260",
+BASE = ["model.width=32", "model.num_layers=3", "model.rglru.num_heads=2", "model.attention.num_heads=2",
+        "model.attention.window=16", "model.vocab_size=260",
         "data.seq_len=32", "data.global_batch_size=8", "schedule.kind=constant", "schedule.warmup_steps=0",
         "optimizer.lr=0.0", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 B, T, K = 8, 32, 4
@@ -77,7 +79,7 @@ def test_tbptt_without_attention_carry_resets_only_the_window():
     state, _ = tr.train_step(state, chunk(data, 0))
     prev, params = jax.tree.map(np.array, (state.carry, state.params))  # copies: the step donates `state`
     fresh = tr.model(params).init_state(B)
-    keep_attn = lambda p, f: f if isinstance(f, iv.AttentionState) else p
+    keep_attn = lambda p, f: f if isinstance(f, AttentionState) else p
     manual = prev._replace(groups=tuple(map(keep_attn, prev.groups, fresh.groups)),
                            tail=tuple(map(keep_attn, prev.tail, fresh.tail)))
     expected = token_nll(tr, params, chunk(data, 1), manual).mean()
@@ -98,8 +100,8 @@ def test_state_passing_uses_previous_final_states_rolled():
     np.testing.assert_allclose(float(m0["loss"]), token_nll(tr, state.params, first).mean(), rtol=2e-5)
     _, final = tr.model(state.params)(first["inputs"], segment_ids=first["segment_ids"],
                                       positions=first["positions"])
-    rolled = jax.tree.map(lambda h: jnp.roll(h, 1, axis=-2), iv._recurrent_leaves(final))
-    state0 = iv._replace_recurrent(tr.model(state.params).init_state(B), rolled)
+    rolled = jax.tree.map(lambda h: jnp.roll(h, 1, axis=-2), tr.layout.recurrent(final))
+    state0 = tr.layout.with_recurrent(tr.model(state.params).init_state(B), rolled)
     state0 = state0._replace(segment_B=jnp.asarray(second["segment_ids"][:, 0]))
     expected = token_nll(tr, state.params, second, state0)[:, :2].mean()
     without = token_nll(tr, state.params, second)[:, :2].mean()
@@ -134,7 +136,7 @@ def test_state_rms_metric_and_plain_loss():
     batch = chunk(streams(4), 0)
     _, final = tr.model(state.params)(batch["inputs"], segment_ids=batch["segment_ids"],
                                       positions=batch["positions"])
-    hs = [np.asarray(h) for h in iv._recurrent_leaves(final)]
+    hs = [np.asarray(h) for h in tr.layout.recurrent(final)]
     expected = np.sqrt(sum((h ** 2).sum() for h in hs) / sum(h.size for h in hs))
     _, metrics = tr.train_step(state, batch)
     np.testing.assert_allclose(float(metrics["state_rms"]), expected, rtol=1e-5)
@@ -143,8 +145,8 @@ def test_state_rms_metric_and_plain_loss():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["model.pattern=A", "train.interventions=[{kind: noise}]"], "no recurrent \\(R\\) layer"),
-    (["model.pattern=RG", "train.interventions=[{kind: tbptt}]"], "cannot carry global attention"),
+    (["model.pattern=A", "train.interventions=[{kind: noise}]"], "has no recurrent layer"),
+    (["model.pattern=RG", "train.interventions=[{kind: tbptt}]"], "cannot carry the state of layers whose state grows"),
     (["train.interventions=[{kind: noise, layer_noise_std: [1.0]}]"], "has 1 values; the model has 2"),
     (["train.interventions=[{kind: nosie}]"], "did you mean 'noise'"),
     (["train.interventions=[{kind: noise, prob: 2}]"], "train.interventions\\[0\\]: prob must be in"),

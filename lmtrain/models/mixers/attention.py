@@ -8,18 +8,53 @@ The state is a buffer of the last `cache_len` keys/values (after RoPE) with thei
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.models.config import ModelConfig
+from lmtrain.configlib import ConfigError, field
+from lmtrain.models.base_config import CoreConfig
 from lmtrain.models.layers import Linear
-from lmtrain.models.rglru import SeqContext
+from lmtrain.models.mixers.base import Mixer
+from lmtrain.models.state import SeqContext
 from lmtrain.sharding import constrain
 
 _MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """A and G layers: multi-/grouped-query attention, local (A, sliding window) or global (G)."""
+
+    num_heads: int = field(4, "Query heads.")
+    num_kv_heads: int = field(1, "Key/value heads (1 = multi-query, num_heads = multi-head, else grouped).")
+    head_dim: int = field(0, "Head dim; 0 means model width // num_heads.")
+    window: int = field(256, "Local attention window W: a query attends to itself and the W tokens before it.")
+    block: int = field(128, "Query block size of blockwise attention (at most the window): each block of this "
+                            "many queries scores window + block keys; 0 means `window`.")
+    max_len: int = field(8192, "Context (KV-cache size) of global-attention (G) layers.")
+    rope_base: float = field(10_000.0, "RoPE maximum wavelength.")
+    rope_fraction: float = field(0.5, "Fraction of each head's dims rotated by RoPE (recurrentgemma: 0.5).")
+
+    def validate(self) -> None:
+        for name in ("num_heads", "num_kv_heads", "window", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.block < 0 or self.head_dim < 0:
+            raise ConfigError("block and head_dim must be >= 0 (0 = derived default)")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if not 0 <= self.rope_fraction <= 1 or self.rope_base <= 0:
+            raise ConfigError(f"need rope_fraction in [0, 1] and rope_base > 0, got {self.rope_fraction}, "
+                              f"{self.rope_base}")
+
+
+def head_dim(cfg: CoreConfig) -> int:
+    """The attention head dim of a model config."""
+    return cfg.attention.head_dim or cfg.width // cfg.attention.num_heads
 
 
 class AttentionState(NamedTuple):
@@ -79,12 +114,16 @@ def windowed_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: ja
     return out.reshape(b, tp, n, h)[:, :t]
 
 
-class Attention(nnx.Module):
+class Attention(Mixer):
     """MQA/GQA attention over the last `cache_len(cfg)` tokens; subclasses pick the span."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    section = "attention"
+    Config = AttentionConfig
+
+    def __init__(self, cfg: CoreConfig, *, rngs: nnx.Rngs):
+        own = cfg.attention
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        d, n, kv, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        d, n, kv, h = cfg.width, own.num_heads, own.num_kv_heads, head_dim(cfg)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q = Linear(d, n * h, ("embed", "heads"), use_bias=False, **kw)
         self.k = Linear(d, kv * h, ("embed", "kv"), use_bias=False, **kw)
@@ -92,11 +131,11 @@ class Attention(nnx.Module):
         self.out = Linear(n * h, d, ("heads", "embed"), init_scale=2.0 / cfg.num_layers, **kw)
         self.n, self.kv, self.h = n, kv, h
         self.span = self.cache_len(cfg)
-        self.block = min(cfg.attn_block or self.span, self.span)
-        self.rope_base, self.rope_fraction = cfg.rope_base, cfg.rope_fraction
+        self.block = min(own.block or self.span, self.span)
+        self.rope_base, self.rope_fraction = own.rope_base, own.rope_fraction
 
     @staticmethod
-    def cache_len(cfg: ModelConfig) -> int:
+    def cache_len(cfg: CoreConfig) -> int:
         raise NotImplementedError
 
     def __call__(self, x_BxTxD: jax.Array, ctx: SeqContext,
@@ -128,23 +167,71 @@ class Attention(nnx.Module):
         return AttentionState(k[:, -keep:], v[:, -keep:], seg[:, -keep:], valid[:, -keep:])
 
     @classmethod
-    def init_state(cls, cfg: ModelConfig, batch_size: int) -> AttentionState:
-        s, kv, h, dt = cls.cache_len(cfg), cfg.num_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype)
+    def init_state(cls, cfg: CoreConfig, batch_size: int) -> AttentionState:
+        s, kv, h, dt = cls.cache_len(cfg), cfg.attention.num_kv_heads, head_dim(cfg), jnp.dtype(cfg.dtype)
         return AttentionState(jnp.zeros((batch_size, s, kv, h), dt), jnp.zeros((batch_size, s, kv, h), dt),
                               jnp.full((batch_size, s), -1, jnp.int32), jnp.zeros((batch_size, s), bool))
+
+    @classmethod
+    def state_axes(cls, cfg: CoreConfig) -> AttentionState:
+        kv = ("batch", "cache_length", "kv", "head_dim")
+        return AttentionState(kv, kv, ("batch", "cache_length"), ("batch", "cache_length"))
+
+    @classmethod
+    def flops_per_token(cls, cfg: CoreConfig, seq_len: int) -> float:
+        """Projections 2 * (D*N*H + 2*D*K*H + N*H*D); scores and mixing 2 * 2 * N * H * ctx, with ctx the
+        mean number of keys a query sees (masked-out blockwise work is not useful work, not counted)."""
+        d, n, kv, h = cfg.width, cfg.attention.num_heads, cfg.attention.num_kv_heads, head_dim(cfg)
+        proj = 2 * (d * n * h + 2 * d * kv * h + n * h * d)
+        return proj + 2 * 2 * n * h * mean_context(seq_len, cls.cache_len(cfg))
+
+    @classmethod
+    def check_config(cls, cfg: CoreConfig) -> None:
+        own = cfg.attention
+        if not own.head_dim and cfg.width % own.num_heads:
+            raise ConfigError(f"width {cfg.width} is not divisible by attention.num_heads {own.num_heads}; change "
+                              "one or set attention.head_dim")
+        if int(head_dim(cfg) * own.rope_fraction) % 2:
+            raise ConfigError(f"attention.rope_fraction {own.rope_fraction} of head_dim {head_dim(cfg)} must give "
+                              "an even number of rotated dims")
+
+
+def mean_context(seq_len: int, span: int) -> float:
+    """Average number of keys a query attends to: mean over t < seq_len of min(t, span) + 1."""
+    full = min(seq_len, span + 1)  # positions t <= span see t + 1 keys
+    return (full * (full + 1) / 2 + (seq_len - full) * (span + 1)) / seq_len
 
 
 class LocalAttention(Attention):
     """Sliding-window attention (letter A): span = window."""
 
     @staticmethod
-    def cache_len(cfg: ModelConfig) -> int:
-        return cfg.window
+    def cache_len(cfg: CoreConfig) -> int:
+        return cfg.attention.window
+
+    @classmethod
+    def check_length(cls, cfg: CoreConfig, seq_len: int) -> None:
+        if cfg.attention.window > seq_len:
+            raise ConfigError(f"model.attention.window {cfg.attention.window} exceeds data.seq_len {seq_len}: "
+                              "lower model.attention.window or raise data.seq_len")
 
 
 class GlobalAttention(Attention):
     """Full causal attention (letter G) over up to `max_len` tokens: the Transformer baseline."""
 
+    bounded_state = False  # its KV cache grows with the context, up to max_len
+    limit_field = "attention.max_len"
+
     @staticmethod
-    def cache_len(cfg: ModelConfig) -> int:
-        return cfg.max_len
+    def cache_len(cfg: CoreConfig) -> int:
+        return cfg.attention.max_len
+
+    @classmethod
+    def check_length(cls, cfg: CoreConfig, seq_len: int) -> None:
+        if cfg.attention.max_len < seq_len:
+            raise ConfigError(f"model.attention.max_len {cfg.attention.max_len} < data.seq_len {seq_len}: "
+                              "raise model.attention.max_len")
+
+    @classmethod
+    def max_call_len(cls, cfg: CoreConfig) -> int | None:
+        return cfg.attention.max_len

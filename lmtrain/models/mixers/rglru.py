@@ -13,6 +13,7 @@ represent decays in (0.99609, 1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -20,10 +21,43 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.models.config import ModelConfig
-from lmtrain.models.layers import BlockDiagonal, Linear, fan_in_init, param
+from lmtrain.configlib import ConfigError, field
+from lmtrain.models.base_config import CoreConfig
+from lmtrain.models.layers import BlockDiagonal, Conv1D, Linear, param
+from lmtrain.models.mixers.base import Mixer
 from lmtrain.models.scan import linear_recurrence
+from lmtrain.models.state import SeqContext
 from lmtrain.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class RGLRUConfig:
+    """R layers: the Griffin/Hawk recurrent block (conv + RG-LRU), lmtrain/models/mixers/rglru.py."""
+
+    width: int = field(0, "RG-LRU width L; 0 means the model width.")
+    num_heads: int = field(4, "Diagonal blocks of the block-diagonal input and recurrence gates "
+                              "(recurrentgemma uses the attention head count).")
+    conv_width: int = field(4, "Temporal width of the causal Conv1D before the RG-LRU.")
+    c: float = field(8.0, "Constant c in log a_t = -c * softplus(Lambda) * r_t.")
+    min_rad: float = field(0.9, "Lower end of the initial decay range a = exp(-softplus(Lambda)).")
+    max_rad: float = field(0.999, "Upper end of the initial decay range.")
+    sqrt_max_grad: float = field(1000.0, "Clip on d sqrt(1-a^2)/d(1-a^2) near a -> 1 (gradient guard).")
+
+    def validate(self) -> None:
+        for name in ("num_heads", "conv_width"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width < 0:
+            raise ConfigError(f"width must be >= 0 (0 = the model width), got {self.width}")
+        if not 0 < self.min_rad < self.max_rad < 1:
+            raise ConfigError(f"need 0 < min_rad < max_rad < 1, got {self.min_rad}, {self.max_rad}")
+        if self.c <= 0 or self.sqrt_max_grad <= 0:
+            raise ConfigError(f"c and sqrt_max_grad must be positive, got {self.c}, {self.sqrt_max_grad}")
+
+
+def lru_width(cfg: CoreConfig) -> int:
+    """The RG-LRU width L of a model config."""
+    return cfg.rglru.width or cfg.width
 
 
 class RecurrentState(NamedTuple):
@@ -31,14 +65,6 @@ class RecurrentState(NamedTuple):
 
     h_BxL: jax.Array
     conv_BxCxL: jax.Array
-
-
-class SeqContext(NamedTuple):
-    """Per-token bookkeeping shared by all layers of one call."""
-
-    reset_BxT: jax.Array  # bool: token t starts a new document (state must not leak in)
-    positions_BxT: jax.Array  # int32: position within the document (RoPE)
-    segment_ids_BxT: jax.Array  # int32: document id (attention masking)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -70,52 +96,17 @@ def decay_param_init(min_rad: float, max_rad: float) -> jax.nn.initializers.Init
     return init
 
 
-class Conv1D(nnx.Module):
-    """Causal depthwise temporal convolution of width C that never looks across a document start."""
-
-    def __init__(self, width: int, conv_width: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype):
-        self.kernel = param(rngs, fan_in_init(0.01), (conv_width, width), param_dtype, ("conv", "lru"))
-        self.bias = param(rngs, jax.nn.initializers.zeros, (width,), param_dtype, ("lru",))
-        self.conv_width, self.dtype = conv_width, dtype
-
-    def __call__(self, x_BxTxL: jax.Array, reset_BxT: jax.Array,
-                 tail_BxCxL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """Returns y_BxTxL and the new tail (last C-1 inputs, zeroed if before a document start)."""
-        c, (b, t, width) = self.conv_width, x_BxTxL.shape
-        x_BxTxL = x_BxTxL.astype(self.dtype)
-        if tail_BxCxL is None:
-            tail_BxCxL = jnp.zeros((b, c - 1, width), self.dtype)
-        x_ext = jnp.concatenate([tail_BxCxL.astype(self.dtype), x_BxTxL], axis=1)  # [B, C-1+T, L]
-        reset_ext = jnp.concatenate([jnp.zeros((b, c - 1), bool), reset_BxT], axis=1)
-        kernel_CxL = self.kernel[...].astype(self.dtype)
-        keep_BxT = jnp.ones((b, t), self.dtype)
-        y_BxTxL = jnp.zeros_like(x_BxTxL) + self.bias[...].astype(self.dtype)
-        for shift in range(c):  # x_{t-shift} contributes unless a document starts in (t-shift, t]
-            if shift:
-                keep_BxT = keep_BxT * (1 - reset_ext[:, c - shift: c - shift + t]).astype(self.dtype)
-            window = x_ext[:, c - 1 - shift: c - 1 - shift + t]
-            y_BxTxL = y_BxTxL + window * keep_BxT[..., None] * kernel_CxL[c - 1 - shift]
-        # Tail entries followed by a document start must not reach the next call.
-        valid, keeps = jnp.ones((b,), bool), []
-        for p in range(x_ext.shape[1] - 1, x_ext.shape[1] - c, -1):
-            keeps.append(valid)
-            valid = valid & ~reset_ext[:, p]
-        keep_BxC = jnp.stack(keeps[::-1], axis=1)[..., None]
-        return y_BxTxL, jnp.where(keep_BxC, x_ext[:, x_ext.shape[1] - (c - 1):], 0)
-
-
 class RGLRU(nnx.Module):
     """Real-gated linear recurrent unit: u_BxTxL, h0_BxL -> y_BxTxL, hT_BxL (float32 state)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
-        width = cfg.resolved_lru_width
-        init = decay_param_init(cfg.lru_min_rad, cfg.lru_max_rad)
+    def __init__(self, cfg: CoreConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        own, width = cfg.rglru, lru_width(cfg)
+        init = decay_param_init(own.min_rad, own.max_rad)
         self.a_param = param(rngs, init, (width,), jnp.float32, ("lru",))  # always float32
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.input_gate = BlockDiagonal(width, cfg.num_heads, **kw)
-        self.a_gate = BlockDiagonal(width, cfg.num_heads, **kw)
-        self.c, self.max_grad, self.dtype = cfg.lru_c, cfg.lru_sqrt_max_grad, dtype
+        self.input_gate = BlockDiagonal(width, own.num_heads, **kw)
+        self.a_gate = BlockDiagonal(width, own.num_heads, **kw)
+        self.c, self.max_grad, self.dtype = own.c, own.sqrt_max_grad, dtype
         self.backend, self.chunk = cfg.scan_backend, cfg.scan_chunk
 
     def __call__(self, u_BxTxL: jax.Array, reset_BxT: jax.Array,
@@ -133,17 +124,21 @@ class RGLRU(nnx.Module):
         return h_BxTxL.astype(self.dtype), hT_BxL
 
 
-class RecurrentBlock(nnx.Module):
+class RecurrentBlock(Mixer):
     """Griffin/Hawk temporal-mixing block (letter R)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    section = "rglru"
+    Config = RGLRUConfig
+    recurrent_field = "h_BxL"
+
+    def __init__(self, cfg: CoreConfig, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        d, lw = cfg.width, cfg.resolved_lru_width
+        d, lw = cfg.width, lru_width(cfg)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.linear_y = Linear(d, lw, ("embed", "lru"), **kw)
         self.linear_x = Linear(d, lw, ("embed", "lru"), **kw)
         self.linear_out = Linear(lw, d, ("lru", "embed"), init_scale=2.0 / cfg.num_layers, **kw)
-        self.conv = Conv1D(lw, cfg.conv_width, **kw)
+        self.conv = Conv1D(lw, cfg.rglru.conv_width, **kw)
         self.rg_lru = RGLRU(cfg, **kw)
 
     def __call__(self, x_BxTxD: jax.Array, ctx: SeqContext,
@@ -155,8 +150,24 @@ class RecurrentBlock(nnx.Module):
         out_BxTxD = self.linear_out(constrain(h_BxTxL * y_BxTxL, ("batch", "length", "lru")))
         return out_BxTxD, RecurrentState(hT_BxL, conv_tail)
 
-    @staticmethod
-    def init_state(cfg: ModelConfig, batch_size: int) -> RecurrentState:
-        lw = cfg.resolved_lru_width
+    @classmethod
+    def init_state(cls, cfg: CoreConfig, batch_size: int) -> RecurrentState:
+        lw = lru_width(cfg)
         return RecurrentState(jnp.zeros((batch_size, lw), jnp.float32),
-                              jnp.zeros((batch_size, cfg.conv_width - 1, lw), jnp.dtype(cfg.dtype)))
+                              jnp.zeros((batch_size, cfg.rglru.conv_width - 1, lw), jnp.dtype(cfg.dtype)))
+
+    @classmethod
+    def state_axes(cls, cfg: CoreConfig) -> RecurrentState:
+        return RecurrentState(("batch", "lru"), ("batch", "conv", "lru"))
+
+    @classmethod
+    def flops_per_token(cls, cfg: CoreConfig, seq_len: int) -> float:
+        """Projections 2 * 3 * D * L; gates 2 * 2 * L * L / heads; conv 2 * C * L; scan 2 * L."""
+        d, lw, own = cfg.width, lru_width(cfg), cfg.rglru
+        return 2 * (3 * d * lw) + 2 * 2 * lw * lw / own.num_heads + 2 * own.conv_width * lw + 2 * lw
+
+    @classmethod
+    def check_config(cls, cfg: CoreConfig) -> None:
+        if lru_width(cfg) % cfg.rglru.num_heads:
+            raise ConfigError(f"rglru.width {lru_width(cfg)} is not divisible by rglru.num_heads "
+                              f"{cfg.rglru.num_heads} (the RG-LRU gates are block-diagonal with num_heads blocks)")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmtrain.models.attention import rope, windowed_attention
+from lmtrain.models.mixers.attention import rope, windowed_attention
 
 
 def dense_reference(q, k, v, qseg, kseg, kvalid, window):

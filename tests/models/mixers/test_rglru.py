@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmtrain.configlib import updated
 from lmtrain.models import ModelConfig
-from lmtrain.models.rglru import RGLRU, Conv1D, decay_param_init, sqrt_bounded_grad
+from lmtrain.models.layers import Conv1D
+from lmtrain.models.mixers.rglru import RGLRU, decay_param_init, sqrt_bounded_grad
 
 
 def naive_rglru(layer: RGLRU, u, reset, h0):
@@ -26,7 +28,7 @@ def naive_rglru(layer: RGLRU, u, reset, h0):
 
 
 def test_rglru_matches_naive_loop_with_resets():
-    cfg = ModelConfig(width=16, lru_width=16, num_heads=4)
+    cfg = updated(ModelConfig(), {"width": 16, "rglru.width": 16, "rglru.num_heads": 4})
     layer = RGLRU(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     rng = np.random.default_rng(0)
     u = rng.normal(size=(2, 19, 16)).astype(np.float32)
@@ -40,7 +42,8 @@ def test_rglru_matches_naive_loop_with_resets():
 
 
 def test_rglru_bf16_compute_keeps_decay_and_state_float32():
-    cfg = ModelConfig(width=16, lru_width=16, num_heads=4, lru_min_rad=0.998, lru_max_rad=0.999)
+    cfg = updated(ModelConfig(), {"width": 16, "rglru.width": 16, "rglru.num_heads": 4, "rglru.min_rad": 0.998,
+                                  "rglru.max_rad": 0.999})
     f32 = RGLRU(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     bf16 = RGLRU(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
     u = jnp.ones((1, 2000, 16))
