@@ -56,6 +56,10 @@ def prepare_workdir(cfg: Config) -> Path:
     if path.exists():
         import yaml
         old = yaml.safe_load(path.read_text()) or {}
+        try:  # the stored config resolved by this version (sections added since then take their defaults)
+            old = configlib.to_dict(configlib.from_dict(type(cfg), old))
+        except configlib.ConfigError:
+            pass  # compared as stored
         has_ckpt = any(cfg.checkpoint.path(workdir).glob("[0-9]*"))
         if has_ckpt and old.get("model") != new["model"]:
             raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "

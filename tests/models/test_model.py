@@ -8,14 +8,17 @@ from flax import nnx
 
 from lmtrain.configlib import updated
 from lmtrain.models import LanguageModel, ModelConfig
+from lmtrain.models.state import batch_axis, is_axes
+from lmtrain.sharding import LOGICAL_AXES
 
-PATTERNS = ["R", "A", "G", "RAG"]
+PATTERNS = ["R", "A", "G", "RAG", "M", "MA", "MRA"]
 
 
 def tiny(pattern: str, **kw) -> LanguageModel:
     base = {"vocab_size": 50, "width": 32, "num_layers": 4, "pattern": pattern, "mlp_expansion": 2,
             "rglru.num_heads": 4, "rglru.width": 24, "attention.num_heads": 4, "attention.num_kv_heads": 2,
-            "attention.window": 6, "attention.max_len": 64}
+            "attention.window": 6, "attention.max_len": 64, "mamba.head_dim": 8, "mamba.state_size": 8,
+            "mamba.chunk": 8}
     return LanguageModel(updated(ModelConfig(), {**base, **kw}), rngs=nnx.Rngs(0))
 
 
@@ -117,6 +120,25 @@ def test_bf16_compute_keeps_state_float32_and_tracks_f32():
     assert float(jnp.abs(p - p_ref).max()) < 0.05
     pieces, _ = run_pieces(tiny("RRA", dtype="bfloat16"), tok, [9, 20])
     np.testing.assert_allclose(pieces, out, atol=0.15)  # same math in pieces, bf16 rounding only
+
+
+def test_state_axes_name_every_leaf():
+    model = tiny("RAGM", num_layers=6)  # one full repeat (stacked) and a tail
+    state, axes = model.init_state(3), model.state_axes()
+    leaves, axis_leaves = jax.tree.leaves(state), jax.tree.leaves(axes, is_leaf=is_axes)
+    assert len(leaves) == len(axis_leaves) and jax.tree.structure(state) == jax.tree.structure(
+        jax.tree.map(lambda _: 0, axes, is_leaf=is_axes))
+    for x, names in zip(leaves, axis_leaves):
+        assert len(names) == x.ndim and x.shape[batch_axis(names)] == 3, (names, x.shape)
+        assert all(n in LOGICAL_AXES for n in names)
+
+
+def test_bf16_compute_keeps_mamba_state_float32():
+    tok = tokens()
+    ref, _ = call(tiny("MA"), tok)
+    out, state = call(tiny("MA", dtype="bfloat16"), tok)
+    assert state.groups[0].ssm_BxHxPxN.dtype == jnp.float32 and state.groups[0].conv_x_BxCxI.dtype == jnp.bfloat16
+    assert float(jnp.abs(jax.nn.softmax(out) - jax.nn.softmax(ref)).max()) < 0.05
 
 
 def test_param_logical_axes_and_layer_stacking():
