@@ -37,22 +37,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import jax
     import numpy as np
     import yaml
 
     from lmtrain.config import check_runtime, load_config
+    from lmtrain.data.batch import BATCH_FIELDS
     from lmtrain.data.curriculum import Curriculum
     from lmtrain.data.tokenizer import load_tokenizer
     from lmtrain.models.flops import count_params, train_flops_per_token
     from lmtrain.run import batch_axes_size
     from lmtrain.train.mesh import describe_mesh, make_mesh
-    from lmtrain.train.step import BATCH_KEYS, Trainer
+    from lmtrain.train.step import Trainer
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
-    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size)
+    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size,
+                  jax.process_count())
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)
     print(f"parameters: {count_params(cfg.model):,}")
     print(f"training FLOPs per token: {flops:.4g} ({flops * cfg.data.seq_len * cfg.data.global_batch_size:.4g} "
@@ -60,7 +63,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"mesh: {describe_mesh(mesh)}")
     gib = 2.0**30
     for shape in Curriculum(cfg.data).shapes():  # one compilation per batch shape of the curriculum
-        mem = trainer.compiled_memory({k: np.zeros(shape, np.int32) for k in BATCH_KEYS})
+        mem = trainer.compiled_memory({k: np.zeros(shape, np.int32) for k in BATCH_FIELDS})
         print(f"compiled train step [{shape[0]} rows x {shape[1]} tokens] memory per device: temp "
               f"{mem.temp_size_in_bytes / gib:.3f} GiB, arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
               f"output {mem.output_size_in_bytes / gib:.3f} GiB")

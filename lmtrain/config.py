@@ -18,12 +18,13 @@ import yaml
 
 from lmtrain import configlib
 from lmtrain.configlib import ConfigError, field
-from lmtrain.data.config import DataConfig, StageConfig, check_stages
+from lmtrain.data.config import DataConfig, StageConfig
 from lmtrain.data.curriculum import Curriculum
+from lmtrain.data.pipeline import check_data
 from lmtrain.models.config import ModelConfig
 from lmtrain.train.checkpoint import CheckpointConfig
 from lmtrain.train.config import EvalConfig, TrainConfig
-from lmtrain.train.interventions import check_interventions, needs_carry
+from lmtrain.train.interventions import check_interventions, needs_carry, tbptt_start
 from lmtrain.train.mesh import MeshConfig
 from lmtrain.train.metrics import LogConfig
 from lmtrain.train.optimizer import OptimizerConfig, ScheduleConfig
@@ -52,7 +53,6 @@ class Config:
     def validate(self) -> None:
         self.model.check_length(self.data.seq_len)
         check_interventions(self.train.interventions, self.model)
-        check_stages(self.stages)
         if self.data.global_batch_size % self.train.grad_accum:
             raise ConfigError(f"data.global_batch_size {self.data.global_batch_size} is not divisible by "
                               f"train.grad_accum {self.train.grad_accum}")
@@ -64,6 +64,7 @@ class Config:
             if rows % self.train.grad_accum:
                 raise ConfigError(f"the curriculum's {rows} rows at length {length} are not divisible by "
                                   f"train.grad_accum {self.train.grad_accum}")
+        check_data(self.data, self.stages, tbptt_start(self.train.interventions))  # stages, streams (1 process)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -88,8 +89,11 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
 
 
-def check_runtime(cfg: Config, num_devices: int, batch_axes_size: int, tokenizer_vocab: int) -> None:
-    """Checks that need the devices and the tokenizer (run before compiling anything)."""
+def check_runtime(cfg: Config, num_devices: int, batch_axes_size: int, tokenizer_vocab: int,
+                  process_count: int = 1) -> None:
+    """Checks that need the devices, the processes and the tokenizer (run before compiling anything)."""
+    if process_count > 1:
+        check_data(cfg.data, cfg.stages, tbptt_start(cfg.train.interventions), process_count)
     if cfg.data.global_batch_size % batch_axes_size:
         raise ConfigError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by the "
                           f"data-parallel size {batch_axes_size} (mesh data x fsdp on {num_devices} devices); "

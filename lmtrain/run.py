@@ -218,7 +218,8 @@ def train(cfg: Config) -> dict[str, Any]:
     workdir = prepare_workdir(cfg)
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
-    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size)
+    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size,
+                  jax.process_count())
     log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
     index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)  # the rows this process holds
     data = make_train_iterator(cfg.data, stages=cfg.stages, stream_from=tbptt_start(cfg.train.interventions),

@@ -7,11 +7,12 @@
 Held-out documents of the run's split are concatenated (in file order, each `[bos, ..., eos]`, as
 the packer lays them out) into `sequences` rows of `length` tokens. Each row is one context: no
 state reset at document boundaries, positions count from the row's start. The rows are fed in
-chunks of `chunk` tokens with the model state passed along (DESIGN.md §1: this equals one long
-call), so only one chunk's activations are ever alive: memory is O(batch x chunk), whatever the
-length. Recorded: the NLL of every token, mean NLL in position buckets ([0,T), [T,2T), [2T,4T), ...
-with T the run's `data.seq_len`), a log-spaced loss curve for the plot, and the L2 norm of every
-recurrent layer's state at each chunk end (state collapse or explosion beyond T shows here).
+chunks of `chunk` tokens with the model state passed along (by the state contract of docs/models.md
+this equals one long call), so only one chunk's activations are ever alive: memory is
+O(batch x chunk), whatever the length. Recorded: the NLL of every token, mean NLL in position
+buckets ([0,T), [T,2T), [2T,4T), ... with T the run's `data.seq_len`), a log-spaced loss curve for
+the plot, and the L2 norm of every recurrent layer's state at each chunk end (state collapse or
+explosion beyond T shows here).
 The same tokens are also scored with the state restarted every T tokens (`loss_restart`): the
 difference is the effect of the context beyond T, free of which text sits at which position.
 """

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmtrain.data.batch import Batch
 from lmtrain.data.config import DataConfig, StageConfig
 from lmtrain.models import LanguageModel, ModelConfig, ModelState
 from lmtrain.models.layout import StateLayout
@@ -37,7 +38,6 @@ from lmtrain.train.optimizer import (
     opt_state_specs,
 )
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 NORM_GROUP_DEPTH = 3  # e.g. "groups/0/mixer": fine enough to name an offending parameter group
 
 
@@ -168,7 +168,7 @@ class Trainer:
         return nnx.merge(self.graphdef, variables)
 
     # ------------------------------------------------------------------------------------ loss
-    def _loss(self, params: Any, batch: dict, state0: ModelState | None = None
+    def _loss(self, params: Any, batch: Batch, state0: ModelState | None = None
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, ModelState]]:
         """(loss sum incl. z-loss, (NLL sum, token count, final model state)) from initial state `state0`."""
         model, train = self.model(params), self.cfg.train
@@ -183,7 +183,7 @@ class Trainer:
         count = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
         return total, (nll, count, final)
 
-    def _initial_state(self, state: TrainState, batch: dict) -> tuple[ModelState | None, dict]:
+    def _initial_state(self, state: TrainState, batch: Batch) -> tuple[ModelState | None, dict]:
         """This step's initial model state from the interventions (None without any), and metrics."""
         if not self.interventions:
             return None, {}
@@ -194,7 +194,7 @@ class Trainer:
         state0, touched_B = iv.initial_state(self.interventions, inputs, state.step, rng)
         return state0, {"intervened_rows": jnp.mean(touched_B.astype(jnp.float32))}
 
-    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         accum = self.cfg.train.grad_accum
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         with use_rules(self.mesh, self.rules):
@@ -239,16 +239,16 @@ class Trainer:
                    "state_rms": iv.state_rms(self.layout, final), **extra}
         return new_state, metrics
 
-    def _eval(self, params: Any, batch: dict) -> dict:
+    def _eval(self, params: Any, batch: Batch) -> dict:
         with use_rules(self.mesh, self.rules):
             _, (nll, count, _) = self._loss(params, batch)
         return {"nll_sum": nll, "tokens": count}
 
     # ------------------------------------------------------------------------------------- api
-    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         return self._train_step(state, batch)
 
-    def eval_step(self, params: Any, batch: dict) -> dict:
+    def eval_step(self, params: Any, batch: Batch) -> dict:
         return self._eval_step(params, batch)
 
     def compiled_memory(self, local_batch: dict) -> Any:
