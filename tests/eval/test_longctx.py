@@ -86,3 +86,23 @@ def test_log_bins_cover_every_position():
     for length in (1, 2, 37, 4096):
         edges = log_bins(length)
         assert edges[0] == 0 and edges[-1] == length and edges == sorted(set(edges))
+
+
+def test_state_norms_of_a_mamba_hybrid():
+    """MRA: Mamba ([H, P, N] state) and RG-LRU layers are both diagnosed, in depth order, without any
+    code for the kinds in the evaluation."""
+    from lmtrain.configlib import updated
+    from lmtrain.models import LanguageModel, ModelConfig
+
+    cfg = updated(ModelConfig(), {"vocab_size": 259, "width": 32, "num_layers": 4, "pattern": "MRA",
+                                  "mamba.head_dim": 8, "mamba.state_size": 8, "mamba.chunk": 8,
+                                  "attention.window": 8, "rglru.num_heads": 2, "attention.num_heads": 2})
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    runner = ChunkRunner(model, 16)
+    assert runner.layers == ["layer 0 (M)", "layer 1 (R)", "layer 3 (M)"]
+    inputs, targets = rows(2, 48)
+    out = runner.run(inputs, targets)
+    _, state = nnx.jit(lambda m, x: m(x))(model, inputs)
+    hs = [state.groups[0].ssm_BxHxPxN[0], state.groups[1].h_BxL[0], state.tail[0].ssm_BxHxPxN]
+    want = np.stack([np.linalg.norm(np.asarray(h).reshape(2, -1), axis=-1) for h in hs])
+    np.testing.assert_allclose(out.state_norm_KxRxB[-1], want, rtol=1e-4)

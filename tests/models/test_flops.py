@@ -28,3 +28,18 @@ def test_hand_count_griffin():
     expected = 2 * (r + mlp) + (a + mlp) + 2 * d * v
     assert forward_flops_per_token(cfg, t) == expected
     assert train_flops_per_token(cfg, t) == 3 * expected
+
+
+def test_hand_count_mamba():
+    cfg = updated(ModelConfig(), {"vocab_size": 100, "width": 8, "num_layers": 1, "pattern": "M", "mlp_expansion": 3,
+                                  "mamba.expand": 2, "mamba.head_dim": 4, "mamba.state_size": 3,
+                                  "mamba.num_groups": 2, "mamba.conv_width": 4})
+    d, f, v, i, h, p, g, n, c = 8, 24, 100, 16, 4, 4, 2, 3, 4
+    mlp_params = 2 * (d * f + f) + f * d + d
+    m_params = (2 * d * i + d * 2 * g * n + d * h  # z, x, (B, C), dt projections (no bias)
+                + (c * i + i) + (c * 2 * g * n + 2 * g * n)  # the two convs
+                + 3 * h + i  # dt_bias, A_log, D; the gated norm's scale
+                + i * d + d)  # output projection
+    assert count_params(cfg) == v * d + d + m_params + mlp_params + 2 * d
+    mixer = 2 * d * (2 * i + 2 * g * n + h) + 2 * i * d + 2 * c * (i + 2 * g * n) + 4 * h * p * n + 4 * i
+    assert forward_flops_per_token(cfg, 16) == mixer + 2 * 3 * d * f + 2 * d * v

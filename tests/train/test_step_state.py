@@ -18,6 +18,7 @@ BASE = ["model.width=32", "model.num_layers=3", "model.rglru.num_heads=2", "mode
         "model.attention.window=16", "model.vocab_size=260",
         "data.seq_len=32", "data.global_batch_size=8", "schedule.kind=constant", "schedule.warmup_steps=0",
         "optimizer.lr=0.0", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+MAMBA = ["model.mamba.head_dim=8", "model.mamba.state_size=8", "model.mamba.chunk=8"]
 B, T, K = 8, 32, 4
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
@@ -55,9 +56,9 @@ def token_nll(tr: Trainer, params, batch: dict, state=None) -> np.ndarray:
     return -np.asarray(jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0])
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_tbptt_steps_equal_one_long_forward(accum):
-    tr = trainer("train.interventions=[{kind: tbptt}]", f"train.grad_accum={accum}")
+@pytest.mark.parametrize("accum, pattern", [(1, "RRA"), (2, "RRA"), (2, "MA"), (1, "MRA")])
+def test_tbptt_steps_equal_one_long_forward(accum, pattern):
+    tr = trainer("train.interventions=[{kind: tbptt}]", f"train.grad_accum={accum}", f"model.pattern={pattern}", *MAMBA)
     state = tr.init_state()
     data = streams()
     nll_BxN = token_nll(tr, state.params, data)
@@ -89,8 +90,9 @@ def test_tbptt_without_attention_carry_resets_only_the_window():
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5)
 
 
-def test_state_passing_uses_previous_final_states_rolled():
-    tr = trainer("train.interventions=[{kind: state_passing, start_step: 1}]")
+@pytest.mark.parametrize("pattern", ["RRA", "MRA"])
+def test_state_passing_uses_previous_final_states_rolled(pattern):
+    tr = trainer("train.interventions=[{kind: state_passing, start_step: 1}]", f"model.pattern={pattern}", *MAMBA)
     state = tr.init_state()
     data = streams(2)
     first, second = chunk(data, 0), chunk(data, 1)
@@ -100,7 +102,8 @@ def test_state_passing_uses_previous_final_states_rolled():
     np.testing.assert_allclose(float(m0["loss"]), token_nll(tr, state.params, first).mean(), rtol=2e-5)
     _, final = tr.model(state.params)(first["inputs"], segment_ids=first["segment_ids"],
                                       positions=first["positions"])
-    rolled = jax.tree.map(lambda h: jnp.roll(h, 1, axis=-2), tr.layout.recurrent(final))
+    rows = [leaf.axes.index("batch") for leaf in tr.layout.leaves]  # [layers, B, ...] stacked, [B, ...] tail
+    rolled = [jnp.roll(h, 1, axis=ax) for h, ax in zip(tr.layout.recurrent(final), rows)]
     state0 = tr.layout.with_recurrent(tr.model(state.params).init_state(B), rolled)
     state0 = state0._replace(segment_B=jnp.asarray(second["segment_ids"][:, 0]))
     expected = token_nll(tr, state.params, second, state0)[:, :2].mean()
@@ -128,6 +131,22 @@ def test_fitted_noise_statistics_follow_final_states():
     got = np.asarray(state.stats.mean[-1] if final.tail else state.stats.mean[0])
     np.testing.assert_allclose(got, mean, rtol=1e-5, atol=1e-7)
     assert int(state.stats.count) == 3
+
+
+@pytest.mark.parametrize("kind", ["noise", "fitted_noise"])
+def test_noise_interventions_reach_mamba_states(kind):
+    tr = trainer(f"train.interventions=[{{kind: {kind}, noise_std: 0.5}}]", "model.pattern=MA", *MAMBA)
+    state = tr.init_state()
+    batch = chunk(streams(5), 0)
+    state, metrics = tr.train_step(state, batch)
+    assert float(metrics["intervened_rows"]) == 1.0 and float(metrics["state_rms"]) > 0
+    if kind == "noise":  # the first tokens continue from a random Mamba state: their loss moves
+        assert abs(float(metrics["loss"]) - token_nll(tr, state.params, batch).mean()) > 1e-5
+    else:  # statistics per layer and channel of each [(layers,) H, P, N] state (rows averaged out)
+        fresh = tr.layout.recurrent(tr.model(state.params).init_state(1))
+        rows = [leaf.axes.index("batch") for leaf in tr.layout.leaves]
+        assert [m.shape for m in state.stats.mean] == [h.shape[:ax] + h.shape[ax + 1:] for h, ax in zip(fresh, rows)]
+        assert all(float(jnp.abs(m).sum()) > 0 for m in state.stats.mean)
 
 
 def test_state_rms_metric_and_plain_loss():
