@@ -75,9 +75,11 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+            raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            raise ConfigError(f"{p}: the config is empty; start from configs/demo.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return configlib.from_dict(Config, configlib.apply_overrides(data, overrides))
@@ -131,7 +133,7 @@ with a dotted `KEY=VALUE` (the value is parsed as YAML):
 Unknown keys fail with a suggestion (`unknown config key 'model.patern' (did you mean 'pattern'?)`),
 wrong types name the dotted path (`optimizer.lr: expected a number, got 'abc'`), and cross-field
 checks run before anything is compiled: the mesh must cover the devices, the global batch must
-divide over the data-parallel axes (and over `train.grad_accum`), `model.window <= data.seq_len`,
+divide over the data-parallel axes (and over `train.grad_accum`), `model.attention.window <= data.seq_len`,
 the tokenizer's vocabulary must fit `model.vocab_size`. The resolved config (every default spelled
 out) is written to `WORKDIR/config.yaml`; `lmtrain check CONFIG` prints it without training.
 

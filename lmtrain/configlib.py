@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -120,6 +123,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
     """Builds dataclass `cls` from `data`, type-checked; errors name `path.key`."""
     data = dict(data or {})
+    migrate = getattr(cls, "migrate", None)  # a section may read keys of earlier versions
+    if migrate is not None:
+        data = migrate(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in data:
@@ -170,7 +176,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. optimizer.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{key}='\"{raw}\"'") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -52,6 +52,9 @@ def test_overrides_apply_with_types():
     ("mesh.data=-1", r"only one mesh axis may be -1"),
     ("mesh.rules.embd=fsdp", r"unknown logical axis 'embd' \(did you mean 'embed'\?\)"),
     ("model.width", r"override 'model\.width' must look like KEY=VALUE"),
+    ("optimizer.lr=.nan", r"optimizer\.lr: expected a finite number, got nan"),
+    ("optimizer.lr=.inf", r"optimizer\.lr: expected a finite number, got inf"),
+    ("model.pattern=[R", r"override 'model\.pattern=\[R': the value is not valid YAML"),
     ("model.width.inner=3", r"override 'model\.width\.inner': 'width' is a value, not a section"),
 ])
 def test_config_errors(override, message):
@@ -124,3 +127,20 @@ def test_fixed_length_tuple_fields_coerce_each_item_with_its_type():
         configlib.from_dict(Pair, {"pair": [3, 4]})
     with pytest.raises(ConfigError, match="expected 2 items"):
         configlib.from_dict(Pair, {"pair": [3]})
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="the config is empty; start from configs/demo.yaml"):
+        load_config(empty)
+
+
+def test_flat_model_keys_of_earlier_versions_still_load(tmp_path, caplog):
+    old = tmp_path / "old.yaml"  # a run config written before the per-kind sections existed
+    old.write_text("model:\n  width: 64\n  num_heads: 2\n  window: 16\n  lru_width: 96\n  attn_block: 8\n")
+    cfg = load_config(old)
+    assert (cfg.model.attention.num_heads, cfg.model.rglru.num_heads, cfg.model.attention.window) == (2, 2, 16)
+    assert (cfg.model.rglru.width, cfg.model.attention.block) == (96, 8)
+    assert "from an earlier version" in caplog.text
+    assert load_config(DEMO, ["model.window=32"]).model.attention.window == 32  # an old-style override wins

@@ -145,16 +145,19 @@ def corpus_text(cfg: Any, chars: int = CORPUS_FILLER_CHARS) -> str:
 
 
 def build_tasks(opts: EvalOptions, cfg: Any) -> dict[str, Task]:
-    """The tasks for one run (passkey uses the run's tokenizer)."""
+    """The tasks for one run: a task with a `tokenizer` field gets the run's tokenizer (as in training), one
+    with a `filler_text` field takes the option `filler` (fixed, or corpus: the run's held-out text)."""
     tasks = {}
     for name in opts.task_names:
         options = dict(opts.task_options.get(name, {}))
-        if name == "passkey":
+        fields = {f.name for f in dataclasses.fields(TASKS[name])}
+        if "filler_text" in fields:
             filler = options.pop("filler", "fixed")
             if filler not in ("fixed", "corpus"):
-                raise ConfigError(f"passkey.filler: 'fixed' or 'corpus', got {filler!r}")
+                raise ConfigError(f"{name}.filler: 'fixed' or 'corpus', got {filler!r}")
             if filler == "corpus":
                 options["filler_text"] = corpus_text(cfg)
+        if "tokenizer" in fields:
             options["tokenizer"] = load_tokenizer(cfg.data.tokenizer)
         try:
             tasks[name] = make_task(name, **options)
@@ -266,7 +269,7 @@ def _task_opts(tasks: dict[str, Task]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, task in tasks.items():
         out[name] = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in skip}
-        if name == "passkey":
+        if hasattr(task, "filler_text"):
             out[name]["filler"] = "fixed" if task.filler_text is None else "corpus"
     return out
 

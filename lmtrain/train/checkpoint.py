@@ -342,13 +342,14 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-    """Within `with PreemptionGuard() as guard:`, SIGTERM sets `guard.requested` instead of killing
-    the process, so the training loop can save a checkpoint and exit cleanly (multi-process loops
-    ask `guard.should_stop()`, which every process answers alike). The previous handlers
-    are restored on exit. Must be entered on the main thread (a Python signal-handling rule).
+    """Within `with PreemptionGuard() as guard:`, SIGTERM and the first SIGINT (Ctrl-C) set
+    `guard.requested` instead of killing the process, so the training loop can save a checkpoint and
+    exit cleanly (multi-process loops ask `guard.should_stop()`, which every process answers alike); a
+    second SIGINT aborts at once (KeyboardInterrupt). The previous handlers are restored on exit. Must
+    be entered on the main thread (a Python signal-handling rule).
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.requested = False
         self.signal_received: int | None = None
@@ -363,6 +364,10 @@ class PreemptionGuard:
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt("second interrupt: stopped without saving")
+        if signum == signal.SIGINT:
+            log.warning("interrupted: saving a checkpoint and stopping (Ctrl-C again aborts without saving)")
         self.requested = True
         self.signal_received = signum
 

@@ -76,6 +76,12 @@ def merge_rows(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 class Trainer:
     """Holds the model graph, optimizer, mesh and shardings; builds and compiles the steps."""
 
@@ -219,9 +225,10 @@ class Trainer:
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         gnorm, group = grad_norms(grads, depth=NORM_GROUP_DEPTH)
-        finite = jnp.isfinite(total) & jnp.isfinite(gnorm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The update itself must be finite too (a finite gradient times an infinite learning rate is not).
+        finite = jnp.isfinite(total) & jnp.isfinite(gnorm) & _all_finite((params, opt_state))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         ema = state.ema

@@ -176,6 +176,21 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+def test_nonfinite_update_with_finite_gradients_is_skipped(trainers):
+    """lr = 1e39 is a finite Python float but inf in float32: loss and gradients are finite, the update is
+    not. The step must be skipped like a non-finite gradient (params and optimizer state unchanged)."""
+    _, init = trainers
+    cfg = load_config("configs/demo.yaml", [*TINY, "optimizer.lr=1e39", "optimizer.ema_decay=0.0"])
+    trainer = Trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = host(trainer.init_state())
+    new, (metrics,) = run(trainer, state, two_batches(trainer)[:1])
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and not metrics["finite"]
+    assert int(new.skipped) == 1
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_sharded_step_equals_single_device(trainers, tmp_path):
     """Two steps on mesh data=2 x fsdp=2 x tensor=2 (8 simulated CPU devices, in a subprocess), without and
     with gradient accumulation, give the single-device losses, parameters, optimizer state and EMA, with
