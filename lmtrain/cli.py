@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lmtrain.configlib import ConfigError, to_dict
+from lmtrain.errors import LmtrainError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lmtrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also: LMTRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train or resume a run")
     _add_config_args(train)
@@ -95,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("LMTRAIN_DEBUG", "") not in ("", "0")
     try:
         if args.command in ("train", "check"):  # first, before anything touches a JAX backend
             from lmtrain.train.distributed import initialize_from_env
             initialize_from_env()
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"lmtrain: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, LmtrainError) as e:
+        if debug:
+            raise
+        print(f"lmtrain: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

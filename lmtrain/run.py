@@ -29,6 +29,7 @@ from lmtrain import configlib
 from lmtrain.config import Config, ConfigError, check_runtime, save_config
 from lmtrain.data.pipeline import data_stats, make_eval_iterator, make_train_iterator, to_global_batch
 from lmtrain.data.tokenizer import load_tokenizer
+from lmtrain.errors import LmtrainError
 from lmtrain.models.flops import count_params, train_flops_per_token
 from lmtrain.train.checkpoint import Checkpointer, PreemptionGuard
 from lmtrain.train.distributed import data_shard
@@ -41,8 +42,10 @@ from lmtrain.train.step import Trainer, TrainState
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+class TrainingDiverged(LmtrainError, RuntimeError):
+    """Too many consecutive non-finite steps (the CLI exits with code 3)."""
+
+    exit_code = 3
 
 
 def prepare_workdir(cfg: Config) -> Path:

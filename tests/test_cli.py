@@ -109,3 +109,17 @@ def test_mistakes_exit_2_with_message(args, message, capsys, monkeypatch):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert re.search("^lmtrain: error: .*" + message, err), err
+
+
+def test_divergence_is_one_line_with_its_own_exit_code(tmp_path, capsys):
+    """lr 1e39 overflows float32: every update is non-finite, the run stops (exit 3) with one line; --debug
+    shows the traceback instead."""
+    args = ["train", "configs/demo.yaml", *TINY, "optimizer.lr=1e39", "train.max_skipped_steps=1",
+            "train.steps=10", "log.progress=false", "log.tensorboard=false", "checkpoint.every_steps=2"]
+    assert main([*args, f"workdir={tmp_path / 'a'}"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lmtrain: error: 2 consecutive non-finite steps") and "Traceback" not in "".join(err)
+    assert not list((tmp_path / "a" / "checkpoints").glob("[0-9]*"))  # nothing non-finite was saved as good
+    from lmtrain.run import TrainingDiverged
+    with pytest.raises(TrainingDiverged):
+        main(["--debug", *args, f"workdir={tmp_path / 'b'}"])

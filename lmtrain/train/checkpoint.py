@@ -39,6 +39,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lmtrain import configlib
 from lmtrain.configlib import ConfigError
+from lmtrain.errors import LmtrainError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class CheckpointConfig:
         return Path(workdir) / self.dir
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(LmtrainError, RuntimeError):
     """No checkpoint in the directory could be restored onto the given target."""
 
 
