@@ -12,6 +12,7 @@ Warmup is linear from 0 at step 0 to `lr` at `warmup_steps`; decays end at `lr *
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -22,6 +23,8 @@ import optax
 
 from lmtrain import configlib
 from lmtrain.configlib import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +159,14 @@ def make_schedule(opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, total_ste
             sched = dataclasses.replace(sched_cfg, warmup_steps=stage.warmup_steps, min_lr_ratio=(
                 stage.min_lr_ratio if stage.min_lr_ratio >= 0 else sched_cfg.min_lr_ratio))
         if end - begin < sched.warmup_steps:
-            if not i:
-                raise ConfigError(f"the first {end - begin} steps (total_steps or the first stage's start) "
-                                  f"are shorter than schedule.warmup_steps={sched.warmup_steps}")
-            raise ConfigError(f"stages[{i - 1}] lasts {end - begin} steps, shorter than its warmup_steps="
-                              f"{sched.warmup_steps}")
+            if not i:  # e.g. a smoke test with few steps: warm up over all of them
+                log.warning("schedule.warmup_steps=%d is longer than the first %d steps (train.steps or the first "
+                            "stage's start): warming up over %d steps instead", sched.warmup_steps, end - begin,
+                            end - begin)
+                sched = dataclasses.replace(sched, warmup_steps=end - begin)
+            else:
+                raise ConfigError(f"stages[{i - 1}] lasts {end - begin} steps, shorter than its warmup_steps="
+                                  f"{sched.warmup_steps}")
         pieces.append(SCHEDULES[sched.kind](opt, sched, end - begin, start_lr))
         start_lr = float(pieces[-1](end - begin))
     if len(pieces) == 1:

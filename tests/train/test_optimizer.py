@@ -58,8 +58,14 @@ def test_wsd_decay_shapes(shape):
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'wsd'"):
         configlib.from_dict(ScheduleConfig, {"kind": "wds"})
-    with pytest.raises(ConfigError, match="shorter than schedule.warmup_steps=100"):
-        opt_lib.make_schedule(OptimizerConfig(), ScheduleConfig(warmup_steps=100), 50)
+
+
+
+def test_warmup_longer_than_the_run_warns_and_clips(caplog):
+    """A smoke test with fewer steps than the warmup warms up over all of them (linear to lr at the end)."""
+    f = opt_lib.make_schedule(OptimizerConfig(lr=1.0), ScheduleConfig(kind="constant", warmup_steps=100), 50)
+    assert "warming up over 50 steps instead" in caplog.text
+    np.testing.assert_allclose([float(f(t)) for t in (0, 25, 50)], [0.0, 0.5, 1.0], atol=1e-6)
 
 
 def params_tree():
