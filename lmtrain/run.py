@@ -16,6 +16,7 @@ nothing is saved from a state whose check has not been read. This is the top lay
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -67,6 +68,12 @@ def prepare_workdir(cfg: Config) -> Path:
         if has_ckpt and old.get("model") != new["model"]:
             raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "
                               f"original model settings (see {path}) or choose a new workdir")
+        old_steps = (old.get("train") or {}).get("steps")
+        if has_ckpt and old_steps is not None and old_steps != cfg.train.steps:
+            log.warning("train.steps changed from %s to %d: the learning-rate schedule is recomputed for %d steps, "
+                        "so the resumed run continues on a stretched (or shortened) decay; to continue after a "
+                        "finished schedule use stages (docs/training.md)", old_steps, cfg.train.steps,
+                        cfg.train.steps)
     if jax.process_count() > 1:  # every process has read config.yaml before process 0 replaces it
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lmtrain_prepare_workdir")
@@ -170,8 +177,14 @@ class _Reader:
         self.skipped = skipped  # consecutive non-finite steps, as the train state counts them
         self.pending: _Step | None = None
         self.compile_s: float | None = None
+        self.run_tokens, self.run_t0, self.paused = 0.0, 0.0, 0.0  # for the run-average tokens/s
         self.record: dict[str, Any] | None = None
         self.reset_window()
+
+    def average_tokens_per_sec(self) -> float | None:
+        """Tokens/s over this session's steps after the compiling one, evaluations excluded."""
+        elapsed = time.perf_counter() - self.run_t0 - self.paused
+        return self.run_tokens / elapsed if self.run_tokens and elapsed > 0 else None
 
     def reset_window(self) -> None:
         self.t0, self.steps, self.tokens, self.flops = time.perf_counter(), 0, 0.0, 0.0
@@ -196,8 +209,10 @@ class _Reader:
         if self.compile_s is None:
             self.compile_s = time.perf_counter() - s.t0
             self.reset_window()
+            self.run_t0 = self.t0
         else:
             self.steps, self.tokens, self.flops = self.steps + 1, self.tokens + tokens, self.flops + flops
+            self.run_tokens += tokens
         # The train state's count (`jnp.where(finite, 0, skipped + 1)`), kept here: that state is donated.
         self.skipped = 0 if finite else self.skipped + 1
         if self.skipped:
@@ -255,8 +270,10 @@ def train(cfg: Config) -> dict[str, Any]:
                     batch = next_batch()  # prepared while the device computes
                 if last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
                     reader.flush()
+                    t_eval = time.perf_counter()
                     summary["eval"] = writer.write(step, {f"eval/{k}": v for k, v in
                                                           heldout.evaluate(state.params).items()})
+                    reader.paused += time.perf_counter() - t_eval
                     reader.reset_window()
                 if ckpt.should_save(step, force=last):
                     reader.flush()
@@ -274,9 +291,26 @@ def train(cfg: Config) -> dict[str, Any]:
         writer.close()
     if reader.record is not None:
         summary["train"] = reader.record
-    summary.update(step=step, seconds=time.perf_counter() - start, compile_seconds=reader.compile_s)
+    if summary["start_step"] >= cfg.train.steps:  # nothing to do: report the run's own last records
+        summary["complete"] = True
+        summary.update(last_records(workdir / "metrics.jsonl"))
+    summary.update(step=step, seconds=time.perf_counter() - start, compile_seconds=reader.compile_s,
+                   tokens_per_sec=reader.average_tokens_per_sec())
     summary["state"] = state
     return summary
+
+
+def last_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The last training record ("train") and evaluation record ("eval") of a metrics.jsonl."""
+    out: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                out["train"] = record
+            if "eval/loss" in record:
+                out["eval"] = record
+    return out
 
 
 def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:

@@ -123,3 +123,21 @@ def test_divergence_is_one_line_with_its_own_exit_code(tmp_path, capsys):
     from lmtrain.run import TrainingDiverged
     with pytest.raises(TrainingDiverged):
         main(["--debug", *args, f"workdir={tmp_path / 'b'}"])
+
+
+def test_rerun_of_a_finished_run_reports_its_last_metrics(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    args = ["train", "configs/demo.yaml", *TINY, "train.steps=4", "log.every_steps=2", "log.progress=false",
+            "log.tensorboard=false", "eval.every_steps=2", "eval.batches=1", f"workdir={tmp_path}"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert re.search(r"done: step 4 .*train loss \d+\.\d+, eval loss \d+\.\d+, [\d,]+ tokens/s \(run average\)", first)
+    assert "step 2/4: loss=" in caplog.text and "eval/loss=" in caplog.text  # a line per log step without a bar
+    losses = re.search(r"train loss (\S+), eval loss (\S+),", first).groups()
+    assert main(args) == 0  # nothing left to do
+    again = capsys.readouterr().out
+    assert again.startswith("already complete: step 4 of train.steps=4") and "nan" not in again
+    assert f"train loss {losses[0]}, eval loss {losses[1].rstrip(',')}" in again
+    caplog.clear()
+    assert main([*args[:-1], "train.steps=6", f"workdir={tmp_path}"]) == 0  # extended: warned, then trained on
+    assert "train.steps changed from 4 to 6" in caplog.text and "done: step 6 " in capsys.readouterr().out

@@ -186,6 +186,10 @@ class MetricsWriter:
         if self._bar is not None:
             self.advance(step)
             self._bar.set_postfix_str(self._postfix(flat), refresh=True)
+        else:  # no bar: one log line per logged step / evaluation
+            shown = {k: flat[k] for k in ("loss", "eval/loss", "lr", "tokens_per_sec") if k in flat}
+            log.info("step %d/%d: %s", step, self.total_steps,
+                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
         return record
 
     @staticmethod
