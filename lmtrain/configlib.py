@@ -19,10 +19,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from lmtrain.errors import LmtrainError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(LmtrainError, ValueError):
     """A config value or key is invalid; the message names the dotted path and the fix."""
 
 

@@ -19,12 +19,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from lmtrain import configlib
 from lmtrain.config import Config, ConfigError, check_runtime, save_config
@@ -49,35 +51,50 @@ class TrainingDiverged(LmtrainError, RuntimeError):
     exit_code = 3
 
 
-def prepare_workdir(cfg: Config) -> Path:
-    """Creates the workdir and writes `config.yaml`; a differing earlier config is kept, never lost.
-
-    Resuming with a different model section is refused (the checkpoints would not fit).
-    """
+def check_workdir(cfg: Config) -> dict[str, Any] | None:
+    """Read-only checks of the workdir before anything is written; returns its stored config (resolved by
+    this version) or None. Refuses a workdir that is a file, is not writable, or holds checkpoints of a
+    different model (they would not fit)."""
     workdir = Path(cfg.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is a file, not a directory; choose another workdir=...")
+    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir} cannot be created or written ({existing} is not writable); choose "
+                          "another workdir=...")
+    path = workdir / "config.yaml"
+    if not path.exists():
+        return None
+    old = yaml.safe_load(path.read_text()) or {}
+    try:  # the stored config resolved by this version (sections added since then take their defaults)
+        old = configlib.to_dict(configlib.from_dict(type(cfg), old))
+    except configlib.ConfigError:
+        pass  # compared as stored
+    has_ckpt = any(cfg.checkpoint.path(workdir).glob("[0-9]*"))
+    if has_ckpt and old.get("model") != configlib.to_dict(cfg.model):
+        raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "
+                          f"original model settings (see {path}) or choose a new workdir")
+    old_steps = (old.get("train") or {}).get("steps")
+    if has_ckpt and old_steps is not None and old_steps != cfg.train.steps:
+        log.warning("train.steps changed from %s to %d: the learning-rate schedule is recomputed for %d steps, "
+                    "so the resumed run continues on a stretched (or shortened) decay; to continue after a "
+                    "finished schedule use stages (docs/training.md)", old_steps, cfg.train.steps, cfg.train.steps)
+    return old
+
+
+def prepare_workdir(cfg: Config, old: dict[str, Any] | None = None) -> Path:
+    """Creates the workdir and writes `config.yaml` (after `check_workdir`, whose result is `old`); a
+    differing earlier config is kept as config.prev-N.yaml, never lost."""
+    workdir = Path(cfg.workdir)
+    if old is None:
+        old = check_workdir(cfg)
+    new = configlib.to_dict(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    path, old, new = workdir / "config.yaml", None, configlib.to_dict(cfg)
-    if path.exists():
-        import yaml
-        old = yaml.safe_load(path.read_text()) or {}
-        try:  # the stored config resolved by this version (sections added since then take their defaults)
-            old = configlib.to_dict(configlib.from_dict(type(cfg), old))
-        except configlib.ConfigError:
-            pass  # compared as stored
-        has_ckpt = any(cfg.checkpoint.path(workdir).glob("[0-9]*"))
-        if has_ckpt and old.get("model") != new["model"]:
-            raise ConfigError(f"{workdir} holds checkpoints of a different model config; resume with the "
-                              f"original model settings (see {path}) or choose a new workdir")
-        old_steps = (old.get("train") or {}).get("steps")
-        if has_ckpt and old_steps is not None and old_steps != cfg.train.steps:
-            log.warning("train.steps changed from %s to %d: the learning-rate schedule is recomputed for %d steps, "
-                        "so the resumed run continues on a stretched (or shortened) decay; to continue after a "
-                        "finished schedule use stages (docs/training.md)", old_steps, cfg.train.steps,
-                        cfg.train.steps)
     if jax.process_count() > 1:  # every process has read config.yaml before process 0 replaces it
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("lmtrain_prepare_workdir")
     if jax.process_index() == 0:
+        path = workdir / "config.yaml"
         moved_only = old is not None and {**old, "workdir": new["workdir"]} == new  # a moved run dir
         if old is not None and old != new and not moved_only:
             n = 1
@@ -232,16 +249,20 @@ class _Reader:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Runs (or resumes) the training run described by `cfg`; returns a summary dict."""
-    workdir = prepare_workdir(cfg)
+    """Runs (or resumes) the training run described by `cfg`; returns a summary dict.
+
+    Every check (workdir, mesh, tokenizer, runtime sizes, data sources) runs before anything is written:
+    a refused start leaves an existing run directory untouched."""
+    old = check_workdir(cfg)
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size,
                   jax.process_count())
-    log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
     index, count = data_shard(trainer.batch_sharding, cfg.data.global_batch_size)  # the rows this process holds
     data = make_train_iterator(cfg.data, stages=cfg.stages, stream_from=tbptt_start(cfg.train.interventions),
                                process_index=index, process_count=count)
+    workdir = prepare_workdir(cfg, old)
+    log.info("mesh %s; %s parameters", describe_mesh(mesh), f"{count_params(cfg.model):,}")
     ckpt = Checkpointer(cfg.checkpoint.path(workdir), cfg.checkpoint)
     restored = restore_train_state(ckpt, trainer)
     if restored is None:
@@ -290,7 +311,7 @@ def train(cfg: Config) -> dict[str, Any]:
         ckpt.close()
         writer.close()
     if reader.record is not None:
-        summary["train"] = reader.record
+        summary["train", "check_workdir"] = reader.record
     if summary["start_step"] >= cfg.train.steps:  # nothing to do: report the run's own last records
         summary["complete"] = True
         summary.update(last_records(workdir / "metrics.jsonl"))
@@ -307,7 +328,7 @@ def last_records(path: Path) -> dict[str, dict[str, Any]]:
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if "loss" in record:
-                out["train"] = record
+                out["train", "check_workdir"] = record
             if "eval/loss" in record:
                 out["eval"] = record
     return out
@@ -326,4 +347,4 @@ def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:
 
 
 __all__ = ["HeldOut", "TrainState", "TrainingDiverged", "batch_axes_size", "prepare_workdir", "restore_train_state",
-           "train"]
+           "train", "check_workdir"]

@@ -141,3 +141,26 @@ def test_rerun_of_a_finished_run_reports_its_last_metrics(tmp_path, capsys, capl
     caplog.clear()
     assert main([*args[:-1], "train.steps=6", f"workdir={tmp_path}"]) == 0  # extended: warned, then trained on
     assert "train.steps changed from 4 to 6" in caplog.text and "done: step 6 " in capsys.readouterr().out
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_start_leaves_the_run_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "configs/demo.yaml", *TINY, "train.steps=2", "log.progress=false", "log.tensorboard=false",
+            "eval.batches=1"]
+    assert main([*base, f"workdir={run}"]) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    for bad in (["mesh.data=3"], ["data.sources=[{kind: text, path: /nonexistent/*.txt}]"],
+                ["data.tokenizer.kind=sentencepiece", "data.tokenizer.path=/nonexistent.model"]):
+        assert main([*base, *bad, f"workdir={run}"]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmtrain: error: "), (bad, err)
+        assert _snapshot(run) == before, bad  # no config.yaml rewrite, no config.prev-N.yaml
+    afile = tmp_path / "file"
+    afile.write_text("not a directory")
+    assert main([*base, f"workdir={afile}"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

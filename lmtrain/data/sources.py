@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordReader
 
 from lmtrain.data.source_config import SourceConfig
+from lmtrain.errors import LmtrainError
 
 # Bad-data counters; the pipeline keeps these in its iterator state (see pipeline.data_stats).
 COUNTERS = ("documents", "tokens", "undecodable", "malformed", "empty", "split")
@@ -39,7 +40,7 @@ COUNTERS = ("documents", "tokens", "undecodable", "malformed", "empty", "split")
 STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
-class DataError(ValueError):
+class DataError(LmtrainError, ValueError):
     """A source cannot be read; the message names the path and the fix."""
 
 
