@@ -57,6 +57,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from lmtrain.config import check_runtime, load_config
     from lmtrain.data.batch import BATCH_FIELDS
     from lmtrain.data.curriculum import Curriculum
+    from lmtrain.data.survey import survey
     from lmtrain.data.tokenizer import load_tokenizer
     from lmtrain.models.flops import count_params, train_flops_per_token
     from lmtrain.run import batch_axes_size
@@ -67,8 +68,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
-    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), load_tokenizer(cfg.data.tokenizer).vocab_size,
-                  jax.process_count())
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_runtime(cfg, mesh.devices.size, batch_axes_size(trainer), tokenizer.vocab_size, jax.process_count())
+    heldout = 0
+    for row in survey(cfg.data, tokenizer, cfg.stages):  # opens every source, fails like training would
+        if row.train_docs is None:
+            print(f"data: {row.name}: synthetic, generated per step")
+            continue
+        heldout += row.heldout_docs
+        print(f"data: {row.name}: {row.train_docs:,} training documents (~{row.est_train_tokens:,.0f} tokens, "
+              f"estimated), {row.heldout_docs:,} held out")
+    print(f"held-out split: {heldout:,} documents (data.heldout_fraction={cfg.data.heldout_fraction})")
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len)
     print(f"parameters: {count_params(cfg.model):,}")
     print(f"training FLOPs per token: {flops:.4g} ({flops * cfg.data.seq_len * cfg.data.global_batch_size:.4g} "

@@ -164,3 +164,21 @@ def test_a_refused_start_leaves_the_run_untouched(tmp_path, capsys):
     afile.write_text("not a directory")
     assert main([*base, f"workdir={afile}"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_check_opens_the_data(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i}.txt").write_text("hello world " * (i + 1))
+    base = ["check", "configs/demo.yaml", *TINY, "data.heldout_fraction=0.3"]
+    assert main([*base, f"data.sources=[{{kind: text, path: '{docs}/*.txt'}}]"]) == 0
+    out = capsys.readouterr().out
+    got = re.search(r"data: data\.sources\[0\] \(text .*\): (\d+) training documents \(~([\d,]+) tokens, estimated\), "
+                    r"(\d+) held out", out)
+    assert got and int(got.group(1)) + int(got.group(3)) == 40 and int(got.group(3)) > 0
+    # every training document is sampled (< 32): the estimate is their byte count + bos/eos each
+    sizes, train = sorted(12 * (i + 1) + 2 for i in range(40)), int(got.group(1))
+    assert sum(sizes[:train]) <= int(got.group(2).replace(",", "")) <= sum(sizes[-train:])
+    assert main([*base, f"data.sources=[{{kind: text, path: '{tmp_path}/none/*.txt'}}]"]) == 2
+    assert "matched no files" in capsys.readouterr().err
