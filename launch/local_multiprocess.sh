@@ -15,7 +15,10 @@ DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1}   # CPU devices per process; the m
 PYTHON=${PYTHON:-python}                          # the venv's python: activate the venv, or set PYTHON
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
 
-cd "$(dirname "$0")/.."
+# Run from the caller's directory, so relative config / workdir / data paths are the caller's; the
+# repository goes on PYTHONPATH in case lmtrain is not installed into $PYTHON.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   # The explicit environment lmtrain.train.distributed reads; process 0 hosts the coordinator.
   JAX_COORDINATOR_ADDRESS=localhost:$PORT JAX_NUM_PROCESSES=$NUM_PROCESSES JAX_PROCESS_ID=$i \

@@ -4,6 +4,7 @@
 # addresses are needed. Not tested here (no TPU); see docs/multihost.md.
 #
 # Edit the variables below, then:   launch/tpu_pod.sh [KEY=VALUE ...]   (extra args: config overrides)
+# DRY_RUN=1 launch/tpu_pod.sh ... prints the exact command instead of running it.
 # The TPU VM must exist, e.g.:
 #   gcloud compute tpus tpu-vm create my-tpu --zone=us-central2-b --accelerator-type=v4-32 \
 #     --version=tpu-ubuntu2204-base
@@ -11,9 +12,9 @@
 # disconnect or preemption (the workdir keeps the checkpoints).
 set -euo pipefail
 
-TPU_NAME=my-tpu                        # the TPU VM (slice) name
-ZONE=us-central2-b
-PROJECT=$(gcloud config get-value project 2>/dev/null)
+TPU_NAME=${TPU_NAME:-my-tpu}           # the TPU VM (slice) name
+ZONE=${ZONE:-us-central2-b}
+PROJECT=${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}
 CONFIG=configs/griffin_400m.yaml       # relative to the repository
 # Every host must see the workdir at the same path (checkpoints are written by all hosts together):
 # an NFS / Filestore mount, or a GCS bucket mounted with gcsfuse. gs:// URLs are not supported.
@@ -31,4 +32,9 @@ cd $CODE_DIR && git fetch -q origin $REVISION && git checkout -q --detach FETCH_
 .venv/bin/pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'
 .venv/bin/lmtrain train $CONFIG workdir=$WORKDIR $overrides"
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=all --command="$remote"
+cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=all --command="$remote")
+if [[ -n "${DRY_RUN:-}" ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+"${cmd[@]}"
