@@ -3,6 +3,7 @@
     python benchmarks/peer.py                                    # width 256, 6 layers RRA, T=2048, B=4
     python benchmarks/peer.py --seq-len 256 --batch 2 --steps 3  # quick run
     python benchmarks/peer.py --ours "" --ours "scan_layers=True" --ours "loss_chunk=0"  # our variants
+    python benchmarks/peer.py --ours "" --ours "pattern=M" --ours "pattern=MA"  # + ours-only Mamba-2 / Samba rows
     python benchmarks/peer.py --profile 25                       # + where each step's time goes
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/peer.py  # transparent huge pages
 
@@ -10,20 +11,26 @@ One step = forward + backward + AdamW (optax) update of all parameters, next-tok
 float32, jitted with parameters and optimizer state donated. The peer is
 `recurrentgemma.jax.griffin.Griffin` as shipped (gradient_checkpointing=True: every residual block
 rematerialised) and with gradient_checkpointing=False. Each `--ours` is a comma-separated list of
-ModelConfig overrides of our model ("" = the shipped defaults); our loss is
+ModelConfig overrides of our model ("" = the shipped defaults), keys dotted into the config's
+sections (`attention.block=0`, `rglru.width=512`, `mamba.chunk=128`; the former flat keys such as
+`attn_block` or `window` still work, see `LEGACY_KEYS`); our loss is
 `lmtrain.models.loss.chunked_cross_entropy` on `model.hidden(...)` (the key `loss_chunk` sets its
-chunk; `loss_chunk=0` computes full logits with `model(...)` instead). All models start from the same
-weights (Griffin's initializer, loaded into ours with lmtrain.export.recurrentgemma), so their
-first losses agree. After `--warmup` steps each, the models are timed in interleaved rounds (one
-step of each per round, so load from other processes hits all alike); medians over `--steps`
-rounds are reported, with the fastest step, the process CPU time per step (all threads; less
-sensitive to other processes than wall time) and the memory page-faulted per step (JAX CPU maps
-fresh memory for each step's temporaries; on a VM a fault costs microseconds).
+chunk; `loss_chunk=0` computes full logits with `model(...)` instead). The models with the peer's
+layer kinds start from the same weights (Griffin's initializer, loaded into ours with
+lmtrain.export.recurrentgemma), so their first losses agree. A variant with other layer kinds
+(`pattern=M`: Mamba-2, `pattern=MA`: Samba-style; recurrentgemma has neither) starts from our own
+initializer and is an ours-only row, "(own init)", timed in the same rounds. After `--warmup` steps
+each, the models are timed in interleaved rounds (one step of each per round, so load from other
+processes hits all alike); medians over `--steps` rounds are reported, with the fastest step, the
+process CPU time per step (all threads; less sensitive to other processes than wall time) and the
+memory page-faulted per step (JAX CPU maps fresh memory for each step's temporaries; on a VM a
+fault costs microseconds).
 
 Achieved FLOP/s = analytic useful FLOPs per step / median step time, where FLOPs per token come
-from `lmtrain.models.flops.train_flops_per_token` (matmuls + windowed attention, 3x forward; masked
-work and recomputation not counted: the same numerator for every model), as a fraction of the
-matmul peak measured in the same run (best of `--peak-runs` jitted f32 N x N matmuls).
+from `lmtrain.models.flops.train_flops_per_token` of each row's config (each mixer's declared count,
+3x forward; masked work and recomputation not counted: the same numerator for our Griffin and the
+peer's), as a fraction of the matmul peak measured in the same run (best of `--peak-runs` jitted f32
+N x N matmuls).
 
 `--profile N` traces two steps of each model with `jax.profiler` and prints the N source lines
 (of lmtrain, recurrentgemma, optax) whose XLA ops took the most thread time, exclusive of nested
@@ -54,27 +61,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmtrain.configlib import updated
 from lmtrain.export.recurrentgemma import load_recurrentgemma, model_config_to_griffin_config
 from lmtrain.models import LanguageModel, ModelConfig
+from lmtrain.models.flops import train_flops_per_token
 from lmtrain.models.loss import chunked_cross_entropy
 
 LOSS_CHUNK = 256  # positions per chunk of our loss (`--ours loss_chunk=0`: the plain logits path)
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    try:
-        from lmtrain.models.flops import train_flops_per_token as shared
-    except ImportError:  # fallback: 6 x matmul params + causal-window attention scores/mixing
-        n_heads_dims = cfg.num_heads * cfg.resolved_head_dim
-        full = min(seq_len, cfg.window + 1)
-        ctx = (full * (full + 1) / 2 + (seq_len - full) * (cfg.window + 1)) / seq_len
-        matmul = (cfg.num_layers * 3 * cfg.width * cfg.mlp_width + cfg.width * cfg.vocab_size
-                  + sum(3 * cfg.width * cfg.resolved_lru_width + 2 * cfg.resolved_lru_width ** 2 / cfg.num_heads
-                        if k == "R" else 2 * cfg.width * n_heads_dims + 2 * cfg.width * cfg.resolved_head_dim
-                        for k in cfg.layer_kinds))
-        attention = 4 * n_heads_dims * ctx * cfg.layer_kinds.count("A")
-        return 3 * (2 * matmul + attention)
-    return shared(cfg, seq_len)
 
 
 def matmul_peak(n: int, runs: int) -> float:
@@ -109,8 +102,10 @@ def make_step(loss_fn: Callable, opt: optax.GradientTransformation) -> Callable:
 class Runner:
     """One model's train step with its own parameter and optimizer buffers (donated each step)."""
 
-    def __init__(self, name: str, loss_fn: Callable, params, opt: optax.GradientTransformation):
+    def __init__(self, name: str, loss_fn: Callable, params, opt: optax.GradientTransformation,
+                 flops_per_token: float, shared_weights: bool = True):
         self.name, self.step = name, make_step(loss_fn, opt)
+        self.flops_per_token, self.shared_weights = flops_per_token, shared_weights
         self.params = jax.tree.map(jnp.array, params)  # private copy: buffers are donated
         self.opt_state = opt.init(self.params)
         self.wall: list[float] = []
@@ -196,15 +191,33 @@ def _exclusive_times(events: list[dict]):
             yield e, e["dur"] - child[id(e)]
 
 
+# The flat ModelConfig keys before the per-mixer sections (commit 26f1d39 and earlier) -> their dotted keys now
+LEGACY_KEYS = {
+    "num_heads": ("attention.num_heads", "rglru.num_heads"),  # Griffin's one head count: both
+    "num_kv_heads": ("attention.num_kv_heads",), "head_dim": ("attention.head_dim",),
+    "window": ("attention.window",), "attn_block": ("attention.block",), "max_len": ("attention.max_len",),
+    "rope_base": ("attention.rope_base",), "rope_fraction": ("attention.rope_fraction",),
+    "lru_width": ("rglru.width",), "conv_width": ("rglru.conv_width",), "lru_c": ("rglru.c",),
+    "lru_min_rad": ("rglru.min_rad",), "lru_max_rad": ("rglru.max_rad",),
+    "lru_sqrt_max_grad": ("rglru.sqrt_max_grad",),
+}
+
+
 def parse_overrides(spec: str) -> dict:
-    """'scan_layers=False,attn_block=128' -> {'scan_layers': False, 'attn_block': 128}."""
+    """'scan_layers=False,attention.block=128' -> {'scan_layers': False, 'attention.block': 128}.
+
+    Keys are ModelConfig fields, dotted into sections (`attention.window`, `rglru.width`, `mamba.chunk`);
+    the former flat keys (`attn_block`, `window`, `num_heads`, ...) are translated (`LEGACY_KEYS`).
+    """
     out = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=", 1)
         try:
-            out[key.strip()] = ast.literal_eval(value.strip())
+            parsed = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
+            parsed = value.strip()
+        for k in LEGACY_KEYS.get(key.strip(), (key.strip(),)):
+            out[k] = parsed
     return out
 
 
@@ -228,8 +241,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model after the compiling one")
     p.add_argument("--steps", type=int, default=5, help="timed interleaved rounds (medians reported)")
     p.add_argument("--ours", action="append", default=None,
-                   help="ModelConfig overrides of one variant of our model, e.g. 'scan_backend=linear'; "
-                        "repeat for several (default: one variant, the shipped defaults)")
+                   help="ModelConfig overrides of one variant of our model, e.g. 'scan_backend=linear', "
+                        "'attention.block=0', 'pattern=MA'; repeat for several (default: one variant, the "
+                        "shipped defaults)")
     p.add_argument("--peer-remat", default="True,False",
                    help="recurrentgemma gradient_checkpointing values to run ('' = no peer)")
     p.add_argument("--peak-size", type=int, default=2048)
@@ -241,9 +255,11 @@ def main() -> None:
 
     from recurrentgemma.jax import griffin
 
-    cfg = ModelConfig(vocab_size=args.vocab, width=args.width, num_layers=args.layers, pattern=args.pattern,
-                      num_heads=args.heads, num_kv_heads=1, window=args.window, mlp_expansion=3,
-                      logit_softcap=30.0, rope_fraction=0.5, rope_base=10_000.0)
+    cfg = updated(ModelConfig(), {
+        "vocab_size": args.vocab, "width": args.width, "num_layers": args.layers, "pattern": args.pattern,
+        "attention.num_heads": args.heads, "rglru.num_heads": args.heads, "attention.num_kv_heads": 1,
+        "attention.window": args.window, "mlp_expansion": 3, "logit_softcap": 30.0,
+        "attention.rope_fraction": 0.5, "attention.rope_base": 10_000.0})
     gcfg = model_config_to_griffin_config(cfg)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, args.vocab)
     segment_pos = jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), (args.batch, args.seq_len))
@@ -255,8 +271,15 @@ def main() -> None:
     for spec in args.ours or [""]:
         overrides = parse_overrides(spec)
         loss_chunk = overrides.pop("loss_chunk", LOSS_CHUNK)
-        variant = ModelConfig(**{**vars(cfg), **overrides})
-        model = load_recurrentgemma(nnx.eval_shape(lambda v=variant: LanguageModel(v, rngs=nnx.Rngs(0))), params)
+        variant = updated(cfg, overrides)
+        abstract = nnx.eval_shape(lambda v=variant: LanguageModel(v, rngs=nnx.Rngs(0)))
+        # Griffin's weights fit a variant with the peer's layer kinds; any other (M, MA, G, ...) starts from
+        # our own initializer: an ours-only row, timed alongside but not computing the peer's function
+        shared = variant.layer_kinds == cfg.layer_kinds and set(variant.pattern) <= set("RA")
+        if shared:
+            model = load_recurrentgemma(abstract, params)
+        else:
+            model = LanguageModel(variant, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
 
         def ours_loss(state, x, y, graphdef=graphdef, loss_chunk=loss_chunk):
@@ -268,14 +291,17 @@ def main() -> None:
                                              chunk=loss_chunk)
             return total / y.size
 
-        runners.append(Runner(f"lmtrain {spec or 'defaults'}", ours_loss, state, opt))
+        name = f"lmtrain {spec or 'defaults'}" + ("" if shared else " (own init)")
+        runners.append(Runner(name, ours_loss, state, opt, train_flops_per_token(variant, args.seq_len),
+                              shared_weights=shared))
     for remat in filter(None, args.peer_remat.split(",")):
         g = griffin.Griffin(gcfg, gradient_checkpointing=ast.literal_eval(remat))
 
         def peer_loss(p, x, y, g=g):
             return cross_entropy(g.apply({"params": p}, x, segment_pos, return_cache=False)[0], y)
 
-        runners.append(Runner(f"recurrentgemma gradient_checkpointing={remat}", peer_loss, params, opt))
+        runners.append(Runner(f"recurrentgemma gradient_checkpointing={remat}", peer_loss, params, opt,
+                              train_flops_per_token(cfg, args.seq_len)))
 
     for r in runners:
         r.compile(tokens)
@@ -291,29 +317,32 @@ def main() -> None:
     peak = matmul_peak(args.peak_size, args.peak_runs)
     load_after = os.getloadavg()[0]
 
-    flops_step = train_flops_per_token(cfg, args.seq_len) * args.batch * args.seq_len
     n_tok = args.batch * args.seq_len
     print(f"\n# {platform.processor() or platform.machine()}, nproc={os.cpu_count()}, jax {jax.__version__} "
           f"({jax.default_backend()}), GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
-          f"load average {load_before:.1f} before / {load_after:.1f} after timing")
+          f"load average {load_before:.1f} before / {load_after:.1f} after timing "
+          f"(1/5/15 min at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     print(f"# B={args.batch} T={args.seq_len} width={args.width} layers={args.layers} pattern={args.pattern} "
           f"heads={args.heads} window={args.window} vocab={args.vocab} f32; {args.steps} interleaved rounds")
     print(f"# matmul peak ({args.peak_size}^2 f32, best of {args.peak_runs}): {peak / 1e9:.1f} GFLOP/s; "
-          f"analytic train FLOPs/step: {flops_step / 1e9:.1f} G")
+          f"analytic train FLOPs/step of the peer's config: "
+          f"{train_flops_per_token(cfg, args.seq_len) * n_tok / 1e9:.1f} G")
     print(f"{'model':52s} {'step s':>7s} {'min s':>6s} {'cpu s':>6s} {'fault MiB':>9s} {'tokens/s':>8s} "
-          f"{'GFLOP/s':>7s} {'of peak':>7s} {'compile s':>9s} {'loss0':>7s}")
+          f"{'GFLOP':>6s} {'GFLOP/s':>7s} {'of peak':>7s} {'compile s':>9s} {'loss0':>7s}")
     for r in runners:
-        med = statistics.median(r.wall)
+        med, flops_step = statistics.median(r.wall), r.flops_per_token * n_tok
         print(f"{r.name:52s} {med:7.3f} {min(r.wall):6.3f} {statistics.median(r.cpu):6.2f} "
               f"{statistics.median(r.faulted) * resource.getpagesize() / 2**20:9.0f} {n_tok / med:8.0f} "
-              f"{flops_step / med / 1e9:7.1f} {flops_step / med / peak:7.1%} {r.compile_s:9.0f} {r.loss0:7.4f}")
+              f"{flops_step / 1e9:6.1f} {flops_step / med / 1e9:7.1f} {flops_step / med / peak:7.1%} "
+              f"{r.compile_s:9.0f} {r.loss0:7.4f}")
     ours = [r for r in runners if r.name.startswith("lmtrain")]
     for o in ours:
         for q in runners[len(ours):]:
             print(f"ours ({o.name}) vs {q.name}: {statistics.median(q.wall) / statistics.median(o.wall):.2f}x "
                   f"(median wall), {min(q.wall) / min(o.wall):.2f}x (min wall), "
                   f"{statistics.median(q.cpu) / statistics.median(o.cpu):.2f}x (cpu)")
-    if not np.allclose([r.loss0 for r in runners], runners[0].loss0, rtol=1e-3):
+    same = [r.loss0 for r in runners if r.shared_weights]
+    if same and not np.allclose(same, same[0], rtol=1e-3):
         print("WARNING: first-step losses differ: the models do not compute the same function")
     if args.profile:
         for r in runners:

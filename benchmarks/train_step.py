@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --parts scaling --devices 1,2,4 --meshes fsdp --steps 3  # quick
     python benchmarks/train_step.py --parts throughput --configs griffin_400m,griffin_1b \
         --overrides data.seq_len=8192 data.global_batch_size=8      # on an accelerator
+    python benchmarks/train_step.py --parts throughput --configs demo \
+        --demo-overrides model.pattern=MA model.attention.block=0 model.mamba.chunk=32  # model.<section>.<key>
 
 Part 1 (throughput): `lmtrain.train.step.Trainer(cfg, mesh).train_step` (forward + backward +
 optimizer update, the state donated) for each config with the overrides printed next to it. The
