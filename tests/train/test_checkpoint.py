@@ -252,3 +252,18 @@ def test_config_path_and_validation(tmp_path):
     with pytest.raises(configlib.ConfigError, match="keep=-1 must be >= 0"):
         configlib.from_dict(CheckpointConfig, {"keep": -1})
     assert json.loads(json.dumps(configlib.to_dict(CheckpointConfig())))["every_steps"] == 1000
+
+
+def test_first_ctrl_c_requests_a_save_second_aborts():
+    import os
+    import signal
+    import time
+
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs on the main thread between bytecodes
+        assert guard.requested and guard.signal_received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
