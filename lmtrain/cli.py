@@ -233,14 +233,10 @@ See docs/export.md (file layouts, name mapping, what HF differs in, what is refu
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmtrain.export.files import ExportError
     from lmtrain.export.run import export_run
 
-    try:
-        result = export_run(args.workdir, args.format, args.out, step=args.step, ema=args.ema, force=args.force)
-    except ExportError as e:
-        print(f"lmtrain: error: {e}", file=sys.stderr)
-        return 2
+    logging.getLogger("lmtrain.train.checkpoint").setLevel(logging.WARNING)  # the summary line names the step
+    result = export_run(args.workdir, args.format, args.out, step=args.step, ema=args.ema, force=args.force)
     for note in result.warnings:
         print(f"lmtrain: warning: {note}", file=sys.stderr)
     print(f"exported {args.workdir} step {result.step}{' (EMA)' if args.ema else ''} as {result.format} to "

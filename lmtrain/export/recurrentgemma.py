@@ -26,6 +26,18 @@ Two behaviours differ and are bridged here (tests: tests/export/test_recurrentge
   exactly when its segment_pos is 0. Since commit 6f27cc5 a plain call with state=None and those
   segment_ids matches too (tested); at c001aca state=None made token 0 continue a zero state
   (multiplier sqrt(1 - a^2) instead of 1, logits off by up to 5% of their range).
+
+`lmtrain export WORKDIR --format recurrentgemma --out DIR` writes (`write_recurrentgemma`):
+
+    DIR/params/        Griffin's "params" tree as an orbax PyTree checkpoint, the format of the released
+                       RecurrentGemma checkpoints (`load_griffin_params`; recurrentgemma 1.0.1's own
+                       `load_parameters` fails on orbax-checkpoint 0.12's metadata, see there)
+    DIR/config.json    {"format": "recurrentgemma-griffin", "griffin_config": GriffinConfig fields (block_types
+                       by name), "tokenizer": ..., "source": ...}
+    DIR/tokenizer.model  the sentencepiece model (sentencepiece runs only)
+
+    griffin_cfg, params = load_recurrentgemma_export(DIR)    # GriffinConfig, params
+    logits, _ = recurrentgemma.jax.Griffin(griffin_cfg).apply({"params": params}, tokens, segment_pos)
 """
 
 from __future__ import annotations
@@ -332,6 +344,83 @@ def _shortest_period(letters: str) -> str:
                 if all(c == letters[i % p] for i, c in enumerate(letters)))
 
 
-__all__ = ["check_compatible", "from_recurrentgemma", "griffin_config_to_model_config", "inputs_from_segment_pos",
-           "load_recurrentgemma", "model_config_to_griffin_config", "recurrentgemma_embed_scale",
-           "to_recurrentgemma"]
+# ------------------------------------------------------------------------------------------ export files
+EXPORT_FORMAT = "recurrentgemma-griffin"
+PARAMS_DIR = "params"
+_CONFIG_FILE = "config.json"
+
+
+def griffin_config_to_json(griffin_cfg: Any) -> dict[str, Any]:
+    """A GriffinConfig as JSON data (block types by name; scan_type is an execution choice, left out)."""
+    data = {k: v for k, v in griffin_cfg._asdict().items() if k != "scan_type"}
+    data["block_types"] = [t.name for t in griffin_cfg.block_types]
+    return data
+
+
+def griffin_config_from_json(data: Mapping[str, Any], **overrides: Any) -> Any:
+    """The inverse of `griffin_config_to_json` (overrides: e.g. scan_type)."""
+    from recurrentgemma import common
+
+    kw = dict(data, block_types=tuple(common.TemporalBlockType[n] for n in data["block_types"]))
+    kw.update(overrides)
+    return common.GriffinConfig(**kw)
+
+
+def write_recurrentgemma(model: LanguageModel, staging: Any, *, tokenizer: Mapping[str, Any],
+                         source: Mapping[str, Any]) -> list[str]:
+    """Writes params/ (orbax) and config.json for `recurrentgemma.jax.Griffin` into the folder `staging`."""
+    import json
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    staging = Path(staging).absolute()
+    griffin_cfg = model_config_to_griffin_config(model.cfg)
+    params = to_recurrentgemma(model)
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(staging / PARAMS_DIR, params)
+    checkpointer.close()
+    meta = {"format": EXPORT_FORMAT, "version": 1, "griffin_config": griffin_config_to_json(griffin_cfg),
+            "tokenizer": dict(tokenizer), "source": dict(source)}
+    (staging / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return [PARAMS_DIR, _CONFIG_FILE]
+
+
+def load_griffin_params(path: Any, device: Any = None) -> dict:
+    """Griffin's params from an orbax PyTree checkpoint (an export's params/, or a released RecurrentGemma
+    checkpoint) onto one device.
+
+    This is `recurrentgemma.jax.load_parameters(path, "single_device")` for orbax-checkpoint 0.12, whose
+    `metadata()` returns a StepMetadata: recurrentgemma 1.0.1's own loader then fails with "pytree structure
+    error: different types at key path".
+    """
+    import orbax.checkpoint as ocp
+
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding), tree)
+        return checkpointer.restore(path, restore_args=args)
+    finally:
+        checkpointer.close()
+
+
+def load_recurrentgemma_export(path: Any, **overrides: Any) -> tuple[Any, dict]:
+    """(GriffinConfig, params) of a `--format recurrentgemma` export (`load_griffin_params`, one device).
+    `overrides` go to the GriffinConfig (e.g. scan_type)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path).absolute()
+    meta = json.loads((path / _CONFIG_FILE).read_text()) if (path / _CONFIG_FILE).is_file() else {}
+    if meta.get("format") != EXPORT_FORMAT or not (path / PARAMS_DIR).is_dir():
+        raise ValueError(f"{path} is not an `lmtrain export --format recurrentgemma` directory (it needs "
+                         f"{_CONFIG_FILE} with format {EXPORT_FORMAT!r} and {PARAMS_DIR}/)")
+    return griffin_config_from_json(meta["griffin_config"], **overrides), load_griffin_params(path / PARAMS_DIR)
+
+
+__all__ = ["EXPORT_FORMAT", "PARAMS_DIR", "check_compatible", "from_recurrentgemma", "griffin_config_from_json",
+           "griffin_config_to_json", "griffin_config_to_model_config", "inputs_from_segment_pos",
+           "load_griffin_params", "load_recurrentgemma", "load_recurrentgemma_export", "model_config_to_griffin_config",
+           "recurrentgemma_embed_scale", "to_recurrentgemma", "write_recurrentgemma"]
