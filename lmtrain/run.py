@@ -311,7 +311,7 @@ def train(cfg: Config) -> dict[str, Any]:
         ckpt.close()
         writer.close()
     if reader.record is not None:
-        summary["train", "check_workdir"] = reader.record
+        summary["train"] = reader.record
     if summary["start_step"] >= cfg.train.steps:  # nothing to do: report the run's own last records
         summary["complete"] = True
         summary.update(last_records(workdir / "metrics.jsonl"))
@@ -346,5 +346,5 @@ def _on_nonfinite(step: int, skipped: int, metrics: dict, cfg: Config) -> None:
             f"{cfg.checkpoint.path(cfg.workdir)}")
 
 
-__all__ = ["HeldOut", "TrainState", "TrainingDiverged", "batch_axes_size", "prepare_workdir", "restore_train_state",
-           "train", "check_workdir"]
+__all__ = ["HeldOut", "TrainState", "TrainingDiverged", "batch_axes_size", "check_workdir", "last_records",
+           "prepare_workdir", "restore_train_state", "train"]
