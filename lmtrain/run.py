@@ -328,7 +328,7 @@ def last_records(path: Path) -> dict[str, dict[str, Any]]:
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if "loss" in record:
-                out["train", "check_workdir"] = record
+                out["train"] = record
             if "eval/loss" in record:
                 out["eval"] = record
     return out
