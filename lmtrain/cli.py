@@ -235,6 +235,7 @@ See docs/export.md (file layouts, name mapping, what HF differs in, what is refu
 def cmd_export(args: argparse.Namespace) -> int:
     from lmtrain.export.run import export_run
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's metadata chatter on a params-only restore
     logging.getLogger("lmtrain.train.checkpoint").setLevel(logging.WARNING)  # the summary line names the step
     result = export_run(args.workdir, args.format, args.out, step=args.step, ema=args.ema, force=args.force)
     for note in result.warnings:
