@@ -5,7 +5,8 @@
                             in its stored dtype; stacked groups keep their leading `layers` axis
     DIR/config.json         {"format": "lmtrain-safetensors", "model": <ModelConfig as a dict>,
                              "tokenizer": {"kind": ..., "path": "tokenizer.model" for sentencepiece, ids},
-                             "embedder_scale": the embedding multiplier, "source": run, step, ema}
+                             "embedder_scale": the embedding multiplier, "source": run, step, ema,
+                             "run_config": the run's whole resolved config, for reference}
     DIR/tokenizer.model     the sentencepiece model (sentencepiece runs only)
 
     cfg, model = load_exported("exports/demo")          # ModelConfig, LanguageModel
@@ -33,13 +34,18 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def write_safetensors(model: LanguageModel, staging: Path, *, tokenizer: dict[str, Any],
-                      source: dict[str, Any]) -> list[str]:
-    """Writes model.safetensors and config.json into `staging` (the tokenizer file is copied by the caller)."""
+                      source: dict[str, Any], run_config: dict[str, Any] | None = None) -> list[str]:
+    """Writes model.safetensors and config.json into `staging` (the tokenizer file is copied by the caller).
+
+    `run_config`: the run's whole resolved config (`configlib.to_dict(cfg)`), kept for reference (training
+    length, data, optimizer); loading needs only "model" and "tokenizer"."""
     flat = to_numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     save_file(flat, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-    write_json(staging / CONFIG_FILE, {"format": FORMAT, "version": 1, "model": configlib.to_dict(model.cfg),
-                                       "tokenizer": tokenizer, "embedder_scale": float(model.embedder.scale),
-                                       "source": source})
+    meta = {"format": FORMAT, "version": 1, "model": configlib.to_dict(model.cfg), "tokenizer": tokenizer,
+            "embedder_scale": float(model.embedder.scale), "source": source}
+    if run_config is not None:
+        meta["run_config"] = run_config
+    write_json(staging / CONFIG_FILE, meta)
     return [WEIGHTS_FILE, CONFIG_FILE]
 
 

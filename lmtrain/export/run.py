@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmtrain import configlib
 from lmtrain.configlib import did_you_mean
 from lmtrain.export.files import ExportError, OutputDir, check_out, tokenizer_record, tokenizer_source
 from lmtrain.models.config import ModelConfig
@@ -117,15 +118,17 @@ def export_run(workdir: str | Path, fmt: str, out: str | Path, *, step: int | No
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scales embeddings by", category=UserWarning)  # in `notes`
         with OutputDir(out, force=force) as staging:
-            files = _write(spec.write, model, staging, tokenizer=tokenizer, source=source, sp_model=sp_model)
+            files = _write(spec.write, model, staging, tokenizer=tokenizer, source=source, sp_model=sp_model,
+                           run_config=configlib.to_dict(cfg))
     return ExportResult(out, fmt, step, sorted(files), notes)
 
 
-def _write(kind: str, model: Any, staging: Path, *, tokenizer: dict, source: dict, sp_model: Path | None) -> list:
+def _write(kind: str, model: Any, staging: Path, *, tokenizer: dict, source: dict, sp_model: Path | None,
+           run_config: dict) -> list:
     if kind == "native":
         from lmtrain.export.native import write_safetensors
 
-        files = write_safetensors(model, staging, tokenizer=tokenizer, source=source)
+        files = write_safetensors(model, staging, tokenizer=tokenizer, source=source, run_config=run_config)
     elif kind == "hf":
         from lmtrain.export.hf import write_hf
 

@@ -43,6 +43,7 @@ def test_safetensors_round_trip(run_dir, tmp_path, capsys):
     meta = json.loads((out / "config.json").read_text())
     assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 259, "pad_id": 256, "bos_id": 257, "eos_id": 258}
     assert meta["source"] == {"workdir": str(run_dir), "step": 2, "ema": False}
+    assert meta["run_config"]["data"]["seq_len"] == run_cfg.data.seq_len  # the training length, for reference
     assert load_exported_tokenizer(out).encode("hi") == [104, 105]
     assert load_model(out)[0] == cfg and load_model(run_dir)[0] == cfg
     with pytest.raises(ExportError, match="step and ema do not apply"):
