@@ -161,6 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lmtrain.eval.load import load_run
     from lmtrain.sample import sample
 
+    for name in ("absl", "lmtrain.train.checkpoint"):  # restore chatter; the summary line names the step
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         cfg, model, step = load_run(args.workdir, args.step, ema=args.ema)
     except ValueError as e:  # e.g. --ema on a run without EMA parameters
@@ -185,6 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print()
     else:
         print("\n----\n".join(c.prompt + c.text for c in done))
+    sys.stdout.flush()  # the completions before the summary line on stderr
     tokens = sum(len(c.tokens) for c in done)
     print(f"{args.workdir} step {step}: {len(done)} prompt(s), {tokens} new tokens in {seconds:.1f}s "
           f"({tokens / seconds:.0f} tokens/s, compilation included)", file=sys.stderr)
