@@ -69,7 +69,7 @@ def test_train_end_to_end(env, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     monkeypatch.chdir(ROOT)
     assert main(["train", "configs/demo.yaml", *overrides]) == 0
-    assert "done: step 6 " in capsys.readouterr().out
+    assert "already complete: step 6 " in capsys.readouterr().out  # a rerun of a finished run trains nothing
     assert (tmp_path / "metrics.jsonl").read_text() == before and not list(tmp_path.glob("config.prev-*"))
 
 
