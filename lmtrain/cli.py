@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from lmtrain.configlib import ConfigError, to_dict
 from lmtrain.errors import LmtrainError
@@ -23,6 +25,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. optimizer.lr=3e-4 model.pattern=RRA workdir=runs/x")
+
+
+@contextlib.contextmanager
+def _quiet_restore() -> Iterator[None]:
+    """Quieter logs while a command restores a checkpoint (orbax's metadata chatter on a params-only restore;
+    the command's summary names the step; fallbacks still warn), restored afterwards: main() may run
+    in-process (tests, notebooks)."""
+    quiet = {"absl": logging.ERROR, "lmtrain.train.checkpoint": logging.WARNING}
+    before = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,10 +179,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lmtrain.eval.load import load_run
     from lmtrain.sample import sample
 
-    for name in ("absl", "lmtrain.train.checkpoint"):  # restore chatter; the summary line names the step
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        cfg, model, step = load_run(args.workdir, args.step, ema=args.ema)
+        with _quiet_restore():
+            cfg, model, step = load_run(args.workdir, args.step, ema=args.ema)
     except ValueError as e:  # e.g. --ema on a run without EMA parameters
         raise ConfigError(str(e)) from e
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -238,9 +255,8 @@ See docs/export.md (file layouts, name mapping, what HF differs in, what is refu
 def cmd_export(args: argparse.Namespace) -> int:
     from lmtrain.export.run import export_run
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's metadata chatter on a params-only restore
-    logging.getLogger("lmtrain.train.checkpoint").setLevel(logging.WARNING)  # the summary line names the step
-    result = export_run(args.workdir, args.format, args.out, step=args.step, ema=args.ema, force=args.force)
+    with _quiet_restore():
+        result = export_run(args.workdir, args.format, args.out, step=args.step, ema=args.ema, force=args.force)
     for note in result.warnings:
         print(f"lmtrain: warning: {note}", file=sys.stderr)
     print(f"exported {args.workdir} step {result.step}{' (EMA)' if args.ema else ''} as {result.format} to "
